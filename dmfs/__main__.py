@@ -1,0 +1,3 @@
+from dmfs.cli import main
+
+raise SystemExit(main())

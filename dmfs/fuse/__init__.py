@@ -1,0 +1,1 @@
+"""The filesystem view: serves the snapshot namespace through FUSE via the engine API."""

@@ -1,0 +1,1 @@
+"""The snapshot engine: thin pool, devices, metadata journal, udev. Knows nothing of FUSE."""
