@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +98,80 @@ class DmEventMonitor:
             event = self._event_of(device)
             if event is not None:
                 yield event
+
+
+class _Expectation:
+    """A pending wait for one device's event; see :meth:`DmWatcher.expect`."""
+
+    def __init__(self, name: str, actions: frozenset[str]) -> None:
+        self.name = name
+        self.actions = actions
+        self.event = trio.Event()
+
+
+class DmWatcher:
+    """Runs a :class:`DmEventMonitor` in the trio loop and routes its events.
+
+    Code that activates a device calls :meth:`expect` *before* the dm operation
+    and awaits the result after, so the event cannot be missed.  A ``remove``
+    of a watched device that nobody announced with :meth:`expect_removal`
+    goes to ``on_unexpected_remove`` (the engine marks the snapshot Faulty).
+    """
+
+    def __init__(self, watched_prefix: str,
+                 on_unexpected_remove: Callable[[DmEvent], None] | None = None) -> None:
+        self.watched_prefix = watched_prefix
+        self.on_unexpected_remove = on_unexpected_remove
+        self.running = False
+        self.source: str | None = None
+        self._expectations: list[_Expectation] = []
+        self._expected_removals: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with DmEventMonitor() as monitor:
+            self.source = monitor.source
+            self.running = True
+            task_status.started()
+            try:
+                async for event in monitor.events():
+                    self._dispatch(event)
+            finally:
+                self.running = False
+
+    def _dispatch(self, event: DmEvent) -> None:
+        if event.name is None:
+            return
+        for expectation in list(self._expectations):
+            if expectation.name == event.name and event.action in expectation.actions:
+                expectation.event.set()
+                self._expectations.remove(expectation)
+        if event.action == "remove" and event.name.startswith(self.watched_prefix):
+            if event.name in self._expected_removals:
+                self._expected_removals.discard(event.name)
+            elif self.on_unexpected_remove is not None:
+                self.on_unexpected_remove(event)
+
+    def expect(self, name: str, *actions: str) -> _Expectation:
+        """Start waiting for ``name``'s next event among ``actions``."""
+        expectation = _Expectation(name, frozenset(actions))
+        self._expectations.append(expectation)
+        return expectation
+
+    def cancel(self, expectation: _Expectation) -> None:
+        with contextlib.suppress(ValueError):
+            self._expectations.remove(expectation)
+
+    def expect_removal(self, name: str) -> None:
+        """Announce that dmfs itself is removing ``name``."""
+        self._expected_removals.add(name)
+
+    async def wait(self, expectation: _Expectation, timeout: float) -> bool:
+        """Wait for an expected event; False after ``timeout`` seconds."""
+        if not self.running:
+            self.cancel(expectation)
+            return True  # no watcher (e.g. a one-shot CLI): the driver's own sync suffices
+        with trio.move_on_after(timeout):
+            await expectation.event.wait()
+            return True
+        self.cancel(expectation)
+        return False

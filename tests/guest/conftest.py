@@ -1,15 +1,22 @@
-"""Fixtures for guest tests: scratch space on tmpfs and a fresh thin pool per test."""
+"""Fixtures for guest tests: scratch space on tmpfs, a fresh thin pool, the engine."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from dmfs.config import Config
+from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import LoopPool, loop_pool
+
+#: device-mapper drivers the engine suite runs on
+DRIVERS = ["dmsetup"] + (["ioctl"] if importlib.util.find_spec("dmfs.pool.dmioctl") else [])
+BASE_IMAGE_SIZE = 64 * 2**20
 
 
 @pytest.fixture
@@ -27,3 +34,24 @@ def thin_pool(scratch_dir: Path) -> Iterator[LoopPool]:
     """A fresh 512 MiB loop-backed thin pool with error_if_no_space."""
     with loop_pool(scratch_dir) as pool:
         yield pool
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """The device-mapper driver under test."""
+    return request.param
+
+
+@pytest.fixture
+def engine_config(thin_pool: LoopPool, scratch_dir: Path, driver: str) -> Config:
+    """Config for an engine on the test pool, state and mounts in scratch."""
+    return Config(pool_name=thin_pool.name, base_image_size=BASE_IMAGE_SIZE,
+                  root_path=scratch_dir / "state", runtime_path=scratch_dir / "run",
+                  driver=driver, idle_timeout=3600)
+
+
+@pytest.fixture
+async def engine(engine_config: Config) -> AsyncIterator[Snapshotter]:
+    """A running engine on a fresh pool."""
+    async with Snapshotter.open(engine_config) as snapshotter:
+        yield snapshotter

@@ -1,0 +1,47 @@
+"""Errors of the snapshot engine, named after containerd's errdefs.
+
+Callers (the FUSE view, the CLI) decide by type, never by message; the message
+is a sentence for the log that says why.
+"""
+
+from __future__ import annotations
+
+
+class SnapshotError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class AlreadyExists(SnapshotError):
+    """A snapshot with that key exists (any kind)."""
+
+
+class NotFound(SnapshotError):
+    """No snapshot with that key."""
+
+
+class InvalidArgument(SnapshotError):
+    """A bad key, a parent that is not committed, a reserved label, ..."""
+
+
+class FailedPrecondition(SnapshotError):
+    """The snapshot is not in a state that allows the operation."""
+
+
+class HasChildren(FailedPrecondition):
+    """The snapshot is the parent of other snapshots."""
+
+
+class InUse(FailedPrecondition):
+    """Files under the snapshot are in use (its filesystem is busy)."""
+
+
+class NoSpace(SnapshotError):
+    """The pool has no data or metadata space, or no free device id."""
+
+
+class PoolError(SnapshotError):
+    """The pool is missing, not a thin pool, failed, or needs a check."""
+
+
+class JournalCorrupt(SnapshotError):
+    """A record in the middle of the journal is damaged; start refused."""

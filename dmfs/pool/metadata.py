@@ -1,0 +1,227 @@
+"""The engine's metadata: snapshots and thin devices, and how records change them.
+
+Everything here is plain data.  The journal (:mod:`dmfs.pool.journal`) stores
+the records; :class:`Metadata` applies them, so replaying the journal after a
+crash rebuilds exactly the state the engine had written.  A record that changes
+several objects (commit, rename, remove) is one record, applied at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+MAX_DEVICE_ID = 2**24 - 1
+
+
+class Kind(StrEnum):
+    """containerd's snapshot kinds."""
+
+    ACTIVE = "active"
+    VIEW = "view"
+    COMMITTED = "committed"
+
+
+class DeviceState(StrEnum):
+    """containerd's device states; each dm operation is journaled before and after."""
+
+    UNKNOWN = "Unknown"
+    CREATING = "Creating"
+    CREATED = "Created"
+    ACTIVATING = "Activating"
+    ACTIVATED = "Activated"
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+    RESUMING = "Resuming"
+    RESUMED = "Resumed"
+    DEACTIVATING = "Deactivating"
+    DEACTIVATED = "Deactivated"
+    REMOVING = "Removing"
+    REMOVED = "Removed"
+    FAULTY = "Faulty"
+
+
+#: states in which the dm device is (or should be) live
+LIVE_STATES = frozenset({DeviceState.ACTIVATED, DeviceState.SUSPENDING, DeviceState.SUSPENDED,
+                         DeviceState.RESUMING, DeviceState.RESUMED,
+                         DeviceState.DEACTIVATING})
+
+
+class Role(StrEnum):
+    BASE = "base"  # the hidden pre-formatted device parentless snapshots copy
+    SNAPSHOT = "snapshot"
+
+
+def now() -> str:
+    """A UTC timestamp with nanosecond-style precision, as containerd prints them."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Device:
+    """One thin device in the pool."""
+
+    id: int
+    name: str  # the dm device name while active
+    size: int  # virtual size in bytes
+    state: DeviceState
+    role: Role = Role.SNAPSHOT
+    origin: int | None = None  # the thin id it was snapshotted from
+    read_only: bool = False  # activated read-only
+    baseline_sectors: int | None = None  # mapped sectors when it was taken (usage = growth)
+    error: str | None = None  # why it is Faulty
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Device:
+        values = dict(data)
+        values["state"] = DeviceState(values["state"])
+        values["role"] = Role(values["role"])
+        return cls(**values)
+
+
+@dataclass
+class Snapshot:
+    """One snapshot (containerd's Info plus the device behind it)."""
+
+    key: str
+    kind: Kind
+    parent: str | None
+    device_id: int
+    labels: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    updated: str = ""
+    usage: int | None = None  # bytes, fixed when committed
+    pending: str | None = None  # "commit" while a commit is in flight
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        values = dict(data)
+        values["kind"] = Kind(values["kind"])
+        return cls(**values)
+
+
+class MetadataError(ValueError):
+    """A record that does not fit the state (a bug or a foreign journal)."""
+
+
+class Metadata:
+    """Snapshots by key and devices by id, changed only through :meth:`apply`."""
+
+    FORMAT = 1
+
+    def __init__(self) -> None:
+        self.pool_name: str | None = None
+        self.base_id: int | None = None
+        self.devices: dict[int, Device] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+
+    # -- queries ---------------------------------------------------------------
+    def children(self, key: str) -> list[Snapshot]:
+        return [s for s in self.snapshots.values() if s.parent == key]
+
+    def snapshot_of_device(self, device_id: int) -> Snapshot | None:
+        for snapshot in self.snapshots.values():
+            if snapshot.device_id == device_id:
+                return snapshot
+        return None
+
+    def allocate_id(self, unavailable: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """The lowest id no device of ours (any state, Faulty included) nor
+        ``unavailable`` uses; None when all 2**24 - 1 are taken."""
+        taken = self.devices.keys() | unavailable
+        for candidate in range(1, MAX_DEVICE_ID + 1):
+            if candidate not in taken:
+                return candidate
+        return None
+
+    # -- records ---------------------------------------------------------------
+    def apply(self, record: dict[str, Any]) -> None:
+        """Apply one journal record; raise MetadataError when it does not fit."""
+        kind = record.get("type")
+        handler = getattr(self, f"_apply_{str(kind).replace('-', '_')}", None)
+        if handler is None:
+            raise MetadataError(f"unknown record type {kind!r}")
+        handler(record)
+
+    def _apply_header(self, record: dict[str, Any]) -> None:
+        if record.get("format") != self.FORMAT:
+            raise MetadataError(f"journal format {record.get('format')!r} is not {self.FORMAT}")
+        self.pool_name = record["pool"]
+
+    def _apply_base(self, record: dict[str, Any]) -> None:
+        self.base_id = record["id"]
+
+    def _apply_device(self, record: dict[str, Any]) -> None:
+        device = Device.from_json(record["device"])
+        self.devices[device.id] = device
+
+    def _apply_device_deleted(self, record: dict[str, Any]) -> None:
+        self.devices.pop(record["id"], None)
+        if self.base_id == record["id"]:
+            self.base_id = None
+
+    def _apply_snapshot(self, record: dict[str, Any]) -> None:
+        snapshot = Snapshot.from_json(record["snapshot"])
+        self.snapshots[snapshot.key] = snapshot
+
+    def _apply_commit(self, record: dict[str, Any]) -> None:
+        snapshot = self._pop(record["key"])
+        snapshot.key = record["name"]
+        snapshot.kind = Kind.COMMITTED
+        snapshot.usage = record["usage"]
+        snapshot.updated = record["updated"]
+        snapshot.pending = None
+        if "labels" in record:
+            snapshot.labels = record["labels"]
+        self.snapshots[snapshot.key] = snapshot
+
+    def _apply_rename(self, record: dict[str, Any]) -> None:
+        snapshot = self._pop(record["key"])
+        snapshot.key = record["name"]
+        snapshot.updated = record["updated"]
+        self.snapshots[snapshot.key] = snapshot
+        for child in self.snapshots.values():
+            if child.parent == record["key"]:
+                child.parent = record["name"]
+
+    def _apply_remove(self, record: dict[str, Any]) -> None:
+        snapshot = self._pop(record["key"])
+        device = self.devices.get(snapshot.device_id)
+        if device is not None:
+            device.state = DeviceState.REMOVING
+
+    def _pop(self, key: str) -> Snapshot:
+        try:
+            return self.snapshots.pop(key)
+        except KeyError:
+            raise MetadataError(f"record names unknown snapshot {key!r}") from None
+
+    # -- checkpoint --------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        return {
+            "format": self.FORMAT,
+            "pool": self.pool_name,
+            "base_id": self.base_id,
+            "devices": [d.to_json() for d in sorted(self.devices.values(), key=lambda d: d.id)],
+            "snapshots": [s.to_json() for s in sorted(self.snapshots.values(),
+                                                      key=lambda s: s.key)],
+        }
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Metadata:
+        if data.get("format") != cls.FORMAT:
+            raise MetadataError(f"checkpoint format {data.get('format')!r} is not {cls.FORMAT}")
+        meta = cls()
+        meta.pool_name = data["pool"]
+        meta.base_id = data["base_id"]
+        meta.devices = {d["id"]: Device.from_json(d) for d in data["devices"]}
+        meta.snapshots = {s["key"]: Snapshot.from_json(s) for s in data["snapshots"]}
+        return meta

@@ -1,0 +1,744 @@
+"""The snapshot engine: containerd's snapshotter semantics on a dm-thin pool.
+
+prepare / view / commit / remove / stat / walk / usage / update (+ rename of
+committed snapshots, and :meth:`Snapshotter.mountpoint` for the file data).
+Every change is journaled before the device-mapper operation it announces, so
+:mod:`dmfs.pool.reconcile` can finish or roll back whatever a crash
+interrupted.  Mutations are serialised by one lock; reads never wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dmfs.config import Config
+from dmfs.pool import fs
+from dmfs.pool.dm import DeviceExists, DeviceMapper, DmError
+from dmfs.pool.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    HasChildren,
+    InUse,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    PoolError,
+    SnapshotError,
+)
+from dmfs.pool.failpoints import failpoint
+from dmfs.pool.filters import compile_filters
+from dmfs.pool.journal import Journal
+from dmfs.pool.metadata import (
+    LIVE_STATES,
+    Device,
+    DeviceState,
+    Kind,
+    Metadata,
+    Role,
+    Snapshot,
+    now,
+)
+from dmfs.pool.status import PoolStatus
+from dmfs.pool.thinpool import ThinPool
+from dmfs.pool.udev import DmEvent, DmWatcher
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_SIZE = 4096  # containerd: key + value
+MAX_KEY_SIZE = 4096
+CREATE_RETRIES = 16  # ids found taken by devices dmfs does not know
+
+
+@dataclass(frozen=True)
+class Info:
+    """A snapshot as the API reports it (containerd's snapshots.Info plus device)."""
+
+    key: str
+    kind: Kind
+    parent: str | None
+    labels: Mapping[str, str]
+    created: str
+    updated: str
+    device_id: int
+    state: DeviceState
+    mountpoint: Path | None  # where its filesystem is mounted now, if it is
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes this snapshot provisioned beyond its parent (containerd's Usage.Size)."""
+
+    size: int
+
+
+@dataclass
+class _Mount:
+    path: Path
+    read_only: bool
+    last_used: float
+
+
+def make_driver(name: str) -> DeviceMapper:
+    """The device-mapper driver the config names."""
+    if name == "dmsetup":
+        from dmfs.pool.dmsetup import DmsetupDriver
+
+        return DmsetupDriver()
+    if name == "ioctl":
+        from dmfs.pool.dmioctl import IoctlDriver  # type: ignore[import-not-found]
+
+        return IoctlDriver()
+    raise ValueError(f"unknown device-mapper driver {name!r} (ioctl or dmsetup)")
+
+
+class Snapshotter:
+    """One thin pool's snapshots.  Use :meth:`open`; all methods are async."""
+
+    def __init__(self, config: Config, dm: DeviceMapper) -> None:
+        self.config = config
+        self.dm = dm
+        self.meta = Metadata()
+        self.journal = Journal(config.state_dir)
+        self.device_prefix = f"{config.pool_name}-snap-"
+        self.watcher = DmWatcher(self.device_prefix, self._device_vanished)
+        self.pool = ThinPool(dm, config.pool_name, self.watcher, config.activation_timeout)
+        self.mount_dir = config.runtime_dir / "snapshots"
+        self.foreign_ids: set[int] = set()
+        self._lock = trio.Lock()
+        self._device_locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)
+        self._mounts: dict[int, _Mount] = {}
+        self._nursery: trio.Nursery | None = None
+        self._background_removals = 0
+        self._removals_idle = trio.Event()
+        self._removals_idle.set()
+
+    # ================================================================ lifecycle
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, config: Config, dm: DeviceMapper | None = None
+                   ) -> AsyncIterator[Snapshotter]:
+        """Start the engine (replay, reconcile, base device), stop it on exit."""
+        engine = cls(config, dm or make_driver(config.driver))
+        async with trio.open_nursery() as nursery:
+            engine._nursery = nursery
+            try:
+                await nursery.start(engine.watcher.run)
+                await engine._start()
+                nursery.start_soon(engine._idle_reaper)
+                yield engine
+            finally:
+                with trio.CancelScope(shield=True):
+                    await engine._stop()
+                nursery.cancel_scope.cancel()
+
+    async def _start(self) -> None:
+        from dmfs.pool.reconcile import reconcile
+
+        checkpoint, records = self.journal.open()
+        if checkpoint is not None:
+            self.meta = Metadata.load(checkpoint)
+        for record in records:
+            self.meta.apply(record)
+        if self.meta.pool_name is None:
+            self._record({"type": "header", "format": Metadata.FORMAT,
+                          "pool": self.config.pool_name}, durable=True)
+        elif self.meta.pool_name != self.config.pool_name:
+            raise PoolError(f"{self.journal.directory} belongs to pool "
+                            f"{self.meta.pool_name!r}, not {self.config.pool_name!r}")
+        await self.pool.attach()
+        self.mount_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        async with self._lock:
+            await reconcile(self)
+            await self._ensure_base()
+            self.journal.compact(self.meta.dump())
+
+    async def _stop(self) -> None:
+        """Unmount every snapshot, deactivate its device, close the journal."""
+        try:
+            async with self._lock:
+                for device_id in sorted(self._mounts):
+                    device = self.meta.devices.get(device_id)
+                    try:
+                        await self._unmount(device_id)
+                    except InUse:
+                        log.warning("leaving %s mounted at shutdown: files in it are in use",
+                                    self.mount_dir / str(device_id))
+                        continue
+                    if device is not None and device.state in LIVE_STATES:
+                        with contextlib.suppress(SnapshotError):
+                            await self._deactivate(device)
+                if self.meta.pool_name is not None and self.journal._fd is not None:
+                    self.journal.compact(self.meta.dump())
+        finally:
+            self.journal.close()
+
+    # ================================================================ journal
+    def _record(self, record: dict[str, Any], *, durable: bool = False) -> None:
+        self.journal.append(record, durable=durable)
+        self.meta.apply(record)
+
+    def _put_device(self, device: Device, *, durable: bool = False) -> Device:
+        self._record({"type": "device", "device": device.to_json()}, durable=durable)
+        return self.meta.devices[device.id]
+
+    def _set_state(self, device: Device, state: DeviceState, *, durable: bool = False,
+                   **changes: Any) -> Device:
+        return self._put_device(replace(device, state=state, **changes), durable=durable)
+
+    def _put_snapshot(self, snapshot: Snapshot, *, durable: bool = True) -> Snapshot:
+        self._record({"type": "snapshot", "snapshot": snapshot.to_json()}, durable=durable)
+        return self.meta.snapshots[snapshot.key]
+
+    def _maybe_compact(self) -> None:
+        if self.journal.wants_compaction:
+            self.journal.compact(self.meta.dump())
+
+    # ================================================================ queries
+    def _get(self, key: str) -> Snapshot:
+        try:
+            return self.meta.snapshots[key]
+        except KeyError:
+            raise NotFound(f"snapshot {key!r} does not exist") from None
+
+    def _info(self, snapshot: Snapshot) -> Info:
+        device = self.meta.devices.get(snapshot.device_id)
+        mount = self._mounts.get(snapshot.device_id)
+        return Info(key=snapshot.key, kind=snapshot.kind, parent=snapshot.parent,
+                    labels=dict(snapshot.labels), created=snapshot.created,
+                    updated=snapshot.updated, device_id=snapshot.device_id,
+                    state=device.state if device else DeviceState.UNKNOWN,
+                    mountpoint=mount.path if mount else None)
+
+    async def stat(self, key: str) -> Info:
+        """containerd Stat: the snapshot's info; NotFound when it does not exist."""
+        return self._info(self._get(key))
+
+    def get(self, key: str) -> Info | None:
+        """Like :meth:`stat`, synchronously, None when missing (for the FUSE view)."""
+        snapshot = self.meta.snapshots.get(key)
+        return self._info(snapshot) if snapshot else None
+
+    def children(self, key: str | None) -> list[Info]:
+        """The snapshots whose parent is ``key`` (None: the parentless ones), by key."""
+        return [self._info(s) for s in sorted(self.meta.snapshots.values(),
+                                              key=lambda s: s.key) if s.parent == key]
+
+    async def walk(self, *filters: str) -> list[Info]:
+        """containerd Walk: every snapshot matching any filter (all without one)."""
+        matches = compile_filters(filters)
+        found = []
+        for snapshot in sorted(self.meta.snapshots.values(), key=lambda s: s.key):
+            fields: dict[str, str | None] = {"name": snapshot.key, "kind": snapshot.kind.value,
+                                             "parent": snapshot.parent}
+            fields.update({f"labels.{k}": v for k, v in snapshot.labels.items()})
+            if matches(fields):
+                found.append(self._info(snapshot))
+        return found
+
+    async def usage(self, key: str) -> Usage:
+        """Bytes the snapshot provisioned beyond its parent: mapped now minus
+        mapped when it was taken (fixed at commit; always 0 for a view)."""
+        snapshot = self._get(key)
+        if snapshot.kind is Kind.COMMITTED:
+            return Usage(snapshot.usage or 0)
+        device = self.meta.devices.get(snapshot.device_id)
+        if snapshot.kind is Kind.VIEW or device is None or device.state not in LIVE_STATES:
+            return Usage(snapshot.usage or 0)
+        return Usage(await self._grown_bytes(device))
+
+    async def _grown_bytes(self, device: Device) -> int:
+        mapped = await self.pool.mapped_bytes(device.name)
+        return max(0, mapped - (device.baseline_sectors or 0) * 512)
+
+    async def pool_status(self) -> PoolStatus:
+        return await self.pool.status()
+
+    def faulty(self) -> list[Device]:
+        return [d for d in self.meta.devices.values() if d.state is DeviceState.FAULTY]
+
+    # ================================================================ validation
+    @staticmethod
+    def _check_key(key: str, what: str = "key") -> None:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"snapshot {what} must be a non-empty string")
+        if "\0" in key or len(key.encode()) > MAX_KEY_SIZE:
+            raise InvalidArgument(f"snapshot {what} {key[:40]!r}... is too long or has a NUL")
+
+    @staticmethod
+    def _check_labels(labels: Mapping[str, str | None]) -> None:
+        for name, value in labels.items():
+            if not name:
+                raise InvalidArgument("label names must not be empty")
+            size = len(name.encode()) + len((value or "").encode())
+            if size > MAX_LABEL_SIZE:
+                raise InvalidArgument(f"label {name!r} is {size} bytes, more than "
+                                      f"{MAX_LABEL_SIZE}")
+
+    async def _check_space(self) -> None:
+        status = await self.pool.status()
+        if status.failed or status.needs_check:
+            raise PoolError(f"thin pool {self.pool.name} has failed or needs a check")
+        if status.mode == "out_of_data_space" or status.free_data_blocks <= 0:
+            raise NoSpace(f"thin pool {self.pool.name} has no free data space "
+                          f"({status.used_data_blocks}/{status.total_data_blocks} blocks used)")
+        if status.used_metadata_blocks >= status.total_metadata_blocks:
+            raise NoSpace(f"thin pool {self.pool.name} has no free metadata space")
+        if status.mode == "ro":
+            raise PoolError(f"thin pool {self.pool.name} is read-only (metadata trouble)")
+
+    # ================================================================ prepare / view
+    async def prepare(self, key: str, parent: str | None = None,
+                      labels: Mapping[str, str] | None = None) -> Info:
+        """containerd Prepare: a writable snapshot of ``parent`` (empty without one),
+        activated and mounted read-write before this returns."""
+        return await self._create(key, parent, labels or {}, Kind.ACTIVE)
+
+    async def view(self, key: str, parent: str | None = None,
+                   labels: Mapping[str, str] | None = None) -> Info:
+        """containerd View: a read-only snapshot of ``parent``, mounted on first use."""
+        return await self._create(key, parent, labels or {}, Kind.VIEW)
+
+    async def _create(self, key: str, parent: str | None, labels: Mapping[str, str],
+                      kind: Kind) -> Info:
+        self._check_key(key)
+        self._check_labels(labels)
+        async with self._lock:
+            if key in self.meta.snapshots:
+                raise AlreadyExists(f"snapshot {key!r} already exists "
+                                    f"({self.meta.snapshots[key].kind})")
+            if parent is not None:
+                parent_snapshot = self._get(parent)
+                if parent_snapshot.kind is not Kind.COMMITTED:
+                    raise InvalidArgument(f"parent {parent!r} is {parent_snapshot.kind}, "
+                                          "not committed")
+                origin = self.meta.devices[parent_snapshot.device_id]
+                if origin.state is DeviceState.FAULTY:
+                    raise FailedPrecondition(f"parent {parent!r} is faulty: {origin.error}")
+            else:
+                origin = self._base()
+            await self._check_space()
+            device = await self._create_snapshot_device(origin)
+            try:
+                if kind is Kind.ACTIVE:
+                    device = await self._activate(device, read_only=False)
+                    failpoint("prepare:after-activate")
+                    await self._mount(device, read_only=False)
+                    failpoint("prepare:after-mount")
+                stamp = now()
+                snapshot = self._put_snapshot(Snapshot(
+                    key=key, kind=kind, parent=parent, device_id=device.id,
+                    labels=dict(labels), created=stamp, updated=stamp))
+                failpoint("prepare:after-record")
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._destroy_device(self.meta.devices[device.id], quiet=True)
+                raise
+            self._maybe_compact()
+            return self._info(snapshot)
+
+    def _base(self) -> Device:
+        if self.meta.base_id is None:
+            raise PoolError("the base device is missing (restart dmfs to recreate it)")
+        return self.meta.devices[self.meta.base_id]
+
+    def _device_name(self, device_id: int) -> str:
+        return f"{self.device_prefix}{device_id}"
+
+    async def _create_snapshot_device(self, origin: Device) -> Device:
+        """Journal the intent, then create_snap; ids taken by devices dmfs does
+        not know are skipped (and remembered) rather than reused."""
+        for _ in range(CREATE_RETRIES):
+            device_id = self.meta.allocate_id(self.foreign_ids)
+            if device_id is None:
+                raise NoSpace("no free thin device id in the pool (2^24 - 1 in use)")
+            device = self._put_device(Device(
+                id=device_id, name=self._device_name(device_id), size=origin.size,
+                state=DeviceState.CREATING, origin=origin.id), durable=True)
+            failpoint("prepare:after-intent")
+            active_origin = origin.name if origin.state in LIVE_STATES else None
+            try:
+                async with self._device_locks[origin.id]:
+                    await self.pool.create_snap(device_id, origin.id, active_origin)
+            except DeviceExists:
+                log.warning("thin id %d is taken by a device dmfs does not know; skipping it",
+                            device_id)
+                self.foreign_ids.add(device_id)
+                self._record({"type": "device-deleted", "id": device_id}, durable=True)
+                continue
+            except DmError as error:
+                self._record({"type": "device-deleted", "id": device_id}, durable=True)
+                raise self._pool_error(error, "create_snap") from error
+            failpoint("prepare:after-create-snap")
+            return self._set_state(device, DeviceState.CREATED)
+        raise PoolError(f"{CREATE_RETRIES} thin ids in a row were taken by unknown devices")
+
+    def _pool_error(self, error: DmError, what: str) -> SnapshotError:
+        if error.errno == 28:  # ENOSPC
+            return NoSpace(f"{what}: thin pool {self.pool.name} is out of space")
+        return PoolError(f"{what}: {error}")
+
+    # ================================================================ activation & mounts
+    async def _activate(self, device: Device, *, read_only: bool) -> Device:
+        device = self._set_state(device, DeviceState.ACTIVATING, durable=True,
+                                 read_only=read_only)
+        try:
+            await self.pool.activate(device.name, device.id, device.size, read_only=read_only)
+        except DmError as error:
+            self._set_state(device, DeviceState.DEACTIVATED, durable=True)
+            raise self._pool_error(error, f"activate {device.name}") from error
+        baseline = device.baseline_sectors
+        if baseline is None and not read_only:
+            baseline = await self.pool.mapped_bytes(device.name) // 512
+        return self._set_state(device, DeviceState.ACTIVATED, baseline_sectors=baseline)
+
+    async def _deactivate(self, device: Device) -> Device:
+        device = self._set_state(device, DeviceState.DEACTIVATING, durable=True)
+        try:
+            await self.pool.deactivate(device.name)
+        except DmError as error:
+            self._set_state(device, DeviceState.ACTIVATED, durable=True)
+            if error.errno == 16:  # EBUSY after bounded retries
+                raise InUse(f"device {device.name} stays busy: {error}") from error
+            raise PoolError(str(error)) from error
+        return self._set_state(device, DeviceState.DEACTIVATED)
+
+    def _mount_path(self, device_id: int) -> Path:
+        return self.mount_dir / str(device_id)
+
+    async def _mount(self, device: Device, *, read_only: bool) -> Path:
+        path = self._mount_path(device.id)
+        path.mkdir(exist_ok=True)
+        source = self.dm.device_path(device.name)
+        await trio.to_thread.run_sync(
+            lambda: fs.mount(source, path, self.config.fs_type, read_only=read_only))
+        self._mounts[device.id] = _Mount(path, read_only, trio.current_time())
+        return path
+
+    async def _unmount(self, device_id: int) -> None:
+        """Unmount a snapshot's filesystem; InUse when files in it are in use."""
+        mount = self._mounts.get(device_id)
+        if mount is None:
+            return
+        if not mount.read_only:
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(fs.syncfs, mount.path)
+        try:
+            await trio.to_thread.run_sync(fs.umount, mount.path)
+        except OSError as error:
+            if fs.is_busy(error):
+                mount.last_used = trio.current_time()
+                raise InUse(f"files under {mount.path} are in use") from None
+            if error.errno != 22:  # EINVAL: not mounted any more
+                raise
+        del self._mounts[device_id]
+        with contextlib.suppress(OSError):
+            mount.path.rmdir()
+
+    async def mountpoint(self, key: str) -> Path:
+        """Where the snapshot's files are: mounts it first if needed (committed
+        snapshots and views read-only, active ones read-write)."""
+        snapshot = self._get(key)
+        device_id = snapshot.device_id
+        mount = self._mounts.get(device_id)
+        if mount is not None:
+            mount.last_used = trio.current_time()
+            return mount.path
+        async with self._device_locks[device_id]:
+            mount = self._mounts.get(device_id)
+            if mount is not None:
+                return mount.path
+            snapshot = self._get(key)  # it may have changed while we waited
+            device = self.meta.devices[device_id]
+            if device.state is DeviceState.FAULTY:
+                raise FailedPrecondition(f"snapshot {key!r} is faulty: {device.error}")
+            if snapshot.pending is not None:
+                raise FailedPrecondition(f"snapshot {key!r} has a {snapshot.pending} in progress")
+            read_only = snapshot.kind is not Kind.ACTIVE
+            if device.state not in LIVE_STATES:
+                device = await self._activate(device, read_only=read_only)
+            try:
+                return await self._mount(device, read_only=read_only)
+            except OSError as error:
+                raise PoolError(f"cannot mount snapshot {key!r}: {error}") from error
+
+    async def _idle_reaper(self) -> None:
+        """Unmount and deactivate read-only snapshots unused for idle_timeout."""
+        timeout = self.config.idle_timeout
+        while True:
+            await trio.sleep(max(0.5, timeout / 4))
+            idle = [device_id for device_id, mount in self._mounts.items()
+                    if mount.read_only and trio.current_time() - mount.last_used >= timeout]
+            for device_id in idle:
+                await self._expire(device_id)
+
+    async def _expire(self, device_id: int) -> bool:
+        """Unmount one idle read-only snapshot unless it is in use."""
+        async with self._lock, self._device_locks[device_id]:
+            mount = self._mounts.get(device_id)
+            if mount is None or not mount.read_only:
+                return False
+            try:
+                await self._unmount(device_id)
+            except InUse:
+                return False
+            device = self.meta.devices.get(device_id)
+            if device is not None and device.state in LIVE_STATES:
+                with contextlib.suppress(InUse):
+                    await self._deactivate(device)
+            log.debug("unmounted idle snapshot device %d", device_id)
+            return True
+
+    async def expire_idle(self) -> int:
+        """Unmount every idle read-only snapshot now; returns how many."""
+        count = 0
+        for device_id in [d for d, m in self._mounts.items() if m.read_only]:
+            count += await self._expire(device_id)
+        return count
+
+    # ================================================================ commit / rename
+    async def commit(self, name: str, key: str,
+                     labels: Mapping[str, str] | None = None) -> Info:
+        """containerd Commit: the active snapshot ``key`` becomes the committed,
+        read-only ``name``.  Refused (InUse) while its files are in use, with
+        everything left as it was."""
+        self._check_key(name, "name")
+        if labels is not None:
+            self._check_labels(labels)
+        async with self._lock:
+            snapshot = self._get(key)
+            if snapshot.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is {snapshot.kind}, not active")
+            if name in self.meta.snapshots:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            device = self.meta.devices[snapshot.device_id]
+            if device.state is DeviceState.FAULTY:
+                raise FailedPrecondition(f"snapshot {key!r} is faulty: {device.error}")
+            async with self._device_locks[device.id]:
+                await self._unmount(device.id)  # InUse: nothing changed yet
+                failpoint("commit:after-unmount")
+                try:
+                    snapshot = self._put_snapshot(replace(snapshot, pending="commit"))
+                    failpoint("commit:after-intent")
+                    usage = 0
+                    if device.state in LIVE_STATES:
+                        device = await self._flush_device(device)
+                        failpoint("commit:after-suspend-resume")
+                        usage = await self._grown_bytes(device)
+                        device = await self._deactivate(device)
+                    failpoint("commit:after-deactivate")
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._undo_commit(snapshot)
+                    raise
+                self._record({"type": "commit", "key": key, "name": name, "usage": usage,
+                              "updated": now(),
+                              **({"labels": dict(labels)} if labels is not None else {})},
+                             durable=True)
+                failpoint("commit:after-record")
+            self._maybe_compact()
+            return self._info(self.meta.snapshots[name])
+
+    async def _flush_device(self, device: Device) -> Device:
+        """Suspend (flushing all I/O to the pool) and resume; never left suspended."""
+        device = self._set_state(device, DeviceState.SUSPENDING, durable=True)
+        await self.pool.suspend(device.name)
+        device = self._set_state(device, DeviceState.SUSPENDED)
+        device = self._set_state(device, DeviceState.RESUMING, durable=True)
+        await self.pool.resume(device.name)
+        return self._set_state(device, DeviceState.RESUMED)
+
+    async def _undo_commit(self, snapshot: Snapshot) -> None:
+        """Put an interrupted commit back: live, mounted read-write, not pending."""
+        device = self.meta.devices[snapshot.device_id]
+        info = await self.pool.info(device.name)
+        if info is not None and info.suspended:
+            await self.pool.resume(device.name)
+        if info is None:
+            device = await self._activate(device, read_only=False)
+        else:
+            device = self._set_state(device, DeviceState.ACTIVATED)
+        if device.id not in self._mounts:
+            await self._mount(device, read_only=False)
+        self._put_snapshot(replace(self.meta.snapshots[snapshot.key], pending=None))
+
+    async def rename(self, key: str, new_key: str) -> Info:
+        """Rename a committed snapshot (metadata only; children follow)."""
+        self._check_key(new_key, "name")
+        async with self._lock:
+            snapshot = self._get(key)
+            if snapshot.kind is not Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is {snapshot.kind}; only committed "
+                                         "snapshots can be renamed")
+            if new_key in self.meta.snapshots:
+                raise AlreadyExists(f"snapshot {new_key!r} already exists")
+            self._record({"type": "rename", "key": key, "name": new_key, "updated": now()},
+                         durable=True)
+            self._maybe_compact()
+            return self._info(self.meta.snapshots[new_key])
+
+    # ================================================================ update
+    async def update(self, key: str, labels: Mapping[str, str | None]) -> Info:
+        """containerd Update of labels: set the given ones, delete those set to None."""
+        self._check_labels(labels)
+        async with self._lock:
+            snapshot = self._get(key)
+            merged = dict(snapshot.labels)
+            for name, value in labels.items():
+                if value is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = value
+            snapshot = self._put_snapshot(replace(snapshot, labels=merged, updated=now()))
+            self._maybe_compact()
+            return self._info(snapshot)
+
+    # ================================================================ remove
+    async def remove(self, key: str) -> None:
+        """containerd Remove.  HasChildren with child snapshots; InUse (nothing
+        removed) while its files are in use.  With ``async_remove`` the thin
+        device is deleted after this returns."""
+        async with self._lock:
+            snapshot = self._get(key)
+            children = self.meta.children(key)
+            if children:
+                names = ", ".join(repr(c.key) for c in children[:3])
+                raise HasChildren(f"snapshot {key!r} has {len(children)} child snapshot(s): "
+                                  f"{names}")
+            async with self._device_locks[snapshot.device_id]:
+                await self._unmount(snapshot.device_id)  # InUse: nothing removed
+                failpoint("remove:after-unmount")
+                self._record({"type": "remove", "key": key}, durable=True)
+                failpoint("remove:after-record")
+            device = self.meta.devices.get(snapshot.device_id)
+        if device is None:
+            return
+        self._background_removals += 1
+        self._removals_idle = trio.Event()
+        if self.config.async_remove and self._nursery is not None:
+            self._nursery.start_soon(self._finish_removal, device)
+        else:
+            await self._finish_removal(device)
+
+    async def _finish_removal(self, device: Device) -> None:
+        """Deactivate and delete a Removing device (outside the engine lock, so a
+        big delete does not hold up other operations)."""
+        try:
+            async with self._device_locks[device.id]:
+                device = self.meta.devices.get(device.id, device)
+                await self._destroy_device(device)
+        except SnapshotError as error:
+            log.error("removing thin device %d failed, will retry at next start: %s",
+                      device.id, error)
+        finally:
+            self._maybe_compact()
+            self._background_removals -= 1
+            if self._background_removals == 0:
+                self._removals_idle.set()
+
+    async def wait_removals(self) -> None:
+        """Wait until every background (async_remove) deletion has finished."""
+        await self._removals_idle.wait()
+
+    async def _destroy_device(self, device: Device, *, quiet: bool = False) -> None:
+        """Unmount, deactivate and delete a thin device, then forget it."""
+        try:
+            with contextlib.suppress(InUse):
+                await self._unmount(device.id)
+            if device.id in self._mounts:
+                raise InUse(f"{self._mount_path(device.id)} is still in use")
+            if await self.pool.info(device.name) is not None:
+                if self.config.discard_blocks and not device.read_only:
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(fs.discard, self.dm.device_path(device.name))
+                await self.pool.deactivate(device.name)
+            failpoint("remove:after-deactivate")
+            if device.state is not DeviceState.REMOVING:
+                device = self._set_state(device, DeviceState.REMOVING, durable=True)
+            await self.pool.delete(device.id)
+            failpoint("remove:after-delete")
+            self._record({"type": "device-deleted", "id": device.id})
+        except (DmError, SnapshotError) as error:
+            if quiet:
+                log.error("cleaning up thin device %d failed: %s", device.id, error)
+                return
+            if isinstance(error, DmError):
+                raise PoolError(f"removing thin device {device.id}: {error}") from error
+            raise
+
+    # ================================================================ base device
+    async def _ensure_base(self) -> None:
+        """Create the hidden pre-formatted base device once (and again if the
+        configured size changed)."""
+        base_size = self.config.base_image_size
+        if self.meta.base_id is not None:
+            base = self.meta.devices[self.meta.base_id]
+            if base.size == base_size and base.state is not DeviceState.FAULTY:
+                return
+            log.info("base device %d is %d bytes, config says %d: making a new one",
+                     base.id, base.size, base_size)
+            self._record({"type": "base", "id": None}, durable=True)
+            await self._destroy_device(base, quiet=True)
+        for _ in range(CREATE_RETRIES):
+            device_id = self.meta.allocate_id(self.foreign_ids)
+            if device_id is None:
+                raise NoSpace("no free thin device id for the base device")
+            device = self._put_device(Device(
+                id=device_id, name=f"{self.config.pool_name}-base", size=base_size,
+                state=DeviceState.CREATING, role=Role.BASE), durable=True)
+            failpoint("base:after-intent")
+            try:
+                await self.pool.create_thin(device_id)
+            except DeviceExists:
+                self.foreign_ids.add(device_id)
+                self._record({"type": "device-deleted", "id": device_id}, durable=True)
+                continue
+            break
+        else:
+            raise PoolError(f"{CREATE_RETRIES} thin ids in a row were taken by unknown devices")
+        device = self._set_state(device, DeviceState.CREATED)
+        failpoint("base:after-create")
+        try:
+            device = await self._activate(device, read_only=False)
+            await fs.mkfs(self.dm.device_path(device.name), self.config.fs_type,
+                          self.config.fs_options, lazy_init=self.config.mkfs_lazy_init)
+            failpoint("base:after-mkfs")
+            device = await self._deactivate(device)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._destroy_device(device, quiet=True)
+            raise
+        self._record({"type": "base", "id": device.id}, durable=True)
+        log.info("made base device %d (%d bytes, %s)", device.id, base_size,
+                 self.config.fs_type)
+
+    # ================================================================ udev
+    def _device_vanished(self, event: DmEvent) -> None:
+        """A dm device of ours disappeared without dmfs removing it."""
+        assert event.name is not None
+        try:
+            device_id = int(event.name.removeprefix(self.device_prefix))
+        except ValueError:
+            return
+        device = self.meta.devices.get(device_id)
+        if device is None or device.state not in LIVE_STATES:
+            return
+        snapshot = self.meta.snapshot_of_device(device_id)
+        log.error("device %s (snapshot %r) was removed behind dmfs's back; marking it Faulty",
+                  event.name, snapshot.key if snapshot else None)
+        self._set_state(device, DeviceState.FAULTY, durable=True,
+                        error="its device-mapper device was removed outside dmfs")
+        mount = self._mounts.pop(device_id, None)
+        if mount is not None:
+            with contextlib.suppress(OSError):
+                fs.umount(mount.path, lazy=True)
+
+    def keys(self) -> Sequence[str]:
+        return sorted(self.meta.snapshots)
