@@ -76,9 +76,9 @@ async def reconcile(engine: Snapshotter) -> None:
                 await _delete(engine, device, world)
             elif device.id not in world.pool_ids:
                 await _mark_missing(engine, device, snapshot, world)
-            elif snapshot is None:
+            elif device.id == meta.base_id:
                 await _settle_base(engine, device, world)
-            else:
+            elif snapshot is not None:
                 await _settle(engine, device, snapshot, world)
         except (SnapshotError, DmError, OSError) as error:
             log.error("reconciling thin device %d failed (left for the next start): %s",
