@@ -71,6 +71,7 @@ class Device:
     origin: int | None = None  # the thin id it was snapshotted from
     read_only: bool = False  # activated read-only
     baseline_sectors: int | None = None  # mapped sectors when it was taken (usage = growth)
+    frozen_sectors: int | None = None  # mapped sectors when it became read-only for good
     error: str | None = None  # why it is Faulty
 
     def to_json(self) -> dict[str, Any]:

@@ -86,6 +86,12 @@ class _Mount:
     last_used: float
 
 
+def _maybe_live(device: Device) -> bool:
+    """Whether a device may have a live dm device (not known to be inactive)."""
+    return device.state not in (DeviceState.CREATING, DeviceState.CREATED,
+                                DeviceState.DEACTIVATED)
+
+
 def make_driver(name: str) -> DeviceMapper:
     """The device-mapper driver the config names."""
     if name == "dmsetup":
@@ -258,6 +264,13 @@ class Snapshotter:
         mapped = await self.pool.mapped_bytes(device.name)
         return max(0, mapped - (device.baseline_sectors or 0) * 512)
 
+    async def _freeze(self, device: Device) -> tuple[Device, int]:
+        """Record the mapped size of a device that will not change any more (its
+        snapshots start from it); returns the device and its growth in bytes."""
+        mapped = await self.pool.mapped_bytes(device.name)
+        device = self._set_state(device, device.state, frozen_sectors=mapped // 512)
+        return device, max(0, mapped - (device.baseline_sectors or 0) * 512)
+
     async def pool_status(self) -> PoolStatus:
         return await self.pool.status()
 
@@ -359,9 +372,11 @@ class Snapshotter:
             device_id = self.meta.allocate_id(self.foreign_ids)
             if device_id is None:
                 raise NoSpace("no free thin device id in the pool (2^24 - 1 in use)")
+            # A snapshot starts with exactly its origin's mappings.
             device = self._put_device(Device(
                 id=device_id, name=self._device_name(device_id), size=origin.size,
-                state=DeviceState.CREATING, origin=origin.id), durable=True)
+                state=DeviceState.CREATING, origin=origin.id,
+                baseline_sectors=origin.frozen_sectors), durable=True)
             failpoint("prepare:after-intent")
             active_origin = origin.name if origin.state in LIVE_STATES else None
             try:
@@ -531,7 +546,7 @@ class Snapshotter:
                     if device.state in LIVE_STATES:
                         device = await self._flush_device(device)
                         failpoint("commit:after-suspend-resume")
-                        usage = await self._grown_bytes(device)
+                        device, usage = await self._freeze(device)
                         device = await self._deactivate(device)
                     failpoint("commit:after-deactivate")
                 except BaseException:
@@ -615,6 +630,7 @@ class Snapshotter:
             async with self._device_locks[snapshot.device_id]:
                 await self._unmount(snapshot.device_id)  # InUse: nothing removed
                 failpoint("remove:after-unmount")
+                live = _maybe_live(self.meta.devices[snapshot.device_id])
                 self._record({"type": "remove", "key": key}, durable=True)
                 failpoint("remove:after-record")
             device = self.meta.devices.get(snapshot.device_id)
@@ -623,17 +639,17 @@ class Snapshotter:
         self._background_removals += 1
         self._removals_idle = trio.Event()
         if self.config.async_remove and self._nursery is not None:
-            self._nursery.start_soon(self._finish_removal, device)
+            self._nursery.start_soon(self._finish_removal, device, live)
         else:
-            await self._finish_removal(device)
+            await self._finish_removal(device, live)
 
-    async def _finish_removal(self, device: Device) -> None:
+    async def _finish_removal(self, device: Device, live: bool) -> None:
         """Deactivate and delete a Removing device (outside the engine lock, so a
         big delete does not hold up other operations)."""
         try:
             async with self._device_locks[device.id]:
                 device = self.meta.devices.get(device.id, device)
-                await self._destroy_device(device)
+                await self._destroy_device(device, live=live)
         except SnapshotError as error:
             log.error("removing thin device %d failed, will retry at next start: %s",
                       device.id, error)
@@ -647,14 +663,20 @@ class Snapshotter:
         """Wait until every background (async_remove) deletion has finished."""
         await self._removals_idle.wait()
 
-    async def _destroy_device(self, device: Device, *, quiet: bool = False) -> None:
-        """Unmount, deactivate and delete a thin device, then forget it."""
+    async def _destroy_device(self, device: Device, *, quiet: bool = False,
+                              live: bool | None = None) -> None:
+        """Unmount, deactivate and delete a thin device, then forget it.
+
+        ``live`` says whether the device may be live; by default its state
+        tells (the journal is trusted: reconcile made it true at start)."""
+        if live is None:
+            live = _maybe_live(device)
         try:
             with contextlib.suppress(InUse):
                 await self._unmount(device.id)
             if device.id in self._mounts:
                 raise InUse(f"{self._mount_path(device.id)} is still in use")
-            if await self.pool.info(device.name) is not None:
+            if live:
                 if self.config.discard_blocks and not device.read_only:
                     with contextlib.suppress(OSError):
                         await trio.to_thread.run_sync(fs.discard, self.dm.device_path(device.name))
@@ -710,6 +732,7 @@ class Snapshotter:
             await fs.mkfs(self.dm.device_path(device.name), self.config.fs_type,
                           self.config.fs_options, lazy_init=self.config.mkfs_lazy_init)
             failpoint("base:after-mkfs")
+            device, _ = await self._freeze(device)
             device = await self._deactivate(device)
         except BaseException:
             with trio.CancelScope(shield=True):
