@@ -41,9 +41,9 @@ SECTOR = 512
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 1024**3
 DEFAULT_BLOCK_SIZE = 64 * 1024
-#: The kernel uses at most this much metadata (255 * 2^14 blocks of 4 KiB) and
-#: ignores the rest of a larger device, with a warning.
-MAX_METADATA_SIZE = 255 * 2**14 * 4096
+#: The kernel uses at most 255 * (2^14 - 64) metadata blocks of 4 KiB (dm-space-map-
+#: metadata.h; older kernels 255 * 2^14) and ignores the rest; rounded down to MiB.
+MAX_METADATA_SIZE = 255 * (2**14 - 64) * 4096 // 1024**2 * 1024**2
 MIN_METADATA_SIZE = 2 * 1024**2
 DEFAULT_MIN_METADATA_SIZE = 16 * 1024**2
 #: The kernel's guide is 48 bytes of metadata per data block; twice that leaves
