@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from dmfs import __version__
-from dmfs.config import LOG_LEVELS, ConfigError, dm_name_problem
+from dmfs.config import CONFIG_KEYS, LOG_LEVELS, Config, ConfigError, dm_name_problem, load_config
 from dmfs.pool.dm import DmError
 from dmfs.pooladmin import (
     DEFAULT_BLOCK_SIZE,
@@ -290,8 +290,24 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
     destroy.set_defaults(run=run_pool_destroy)
 
 
+def add_config_parser(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser(
+        "config", parents=[common_options()], help="check a configuration file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Check a configuration file and print every setting it gives, defaults\n"
+            "included, with sizes in bytes and durations in seconds. A bad file gives one\n"
+            "line naming the file, the key and what is wrong, and exit status 2.\n"
+            "contrib/dmfs.toml.example describes every key."),
+        epilog=f"example:\n  dmfs config /etc/dmfs/pool0.toml\n\n{EXIT_STATUS_HELP}")
+    config.add_argument("file", metavar="FILE", type=Path, help="the TOML file to check")
+    json_option(config)
+    config.set_defaults(run=run_config)
+
+
 #: Every command's parser; the engine's commands are added here when they land.
-COMMAND_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_pool_parser]
+COMMAND_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_pool_parser, add_config_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +352,26 @@ def run_pool_destroy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def config_settings(config: Config) -> dict[str, Any]:
+    """Every key of ``config`` with the value dmfs will use (defaults resolved)."""
+    settings: dict[str, Any] = {key: getattr(config, key) for key in CONFIG_KEYS}
+    settings["root_path"] = config.state_dir
+    settings["runtime_path"] = config.runtime_dir
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in settings.items()}
+
+
+def run_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    settings = config_settings(config)
+    width = max(map(len, settings))
+    lines = [f"{key:<{width}}  {'-' if value is None else json.dumps(value)}"
+             for key, value in settings.items()]
+    lines[CONFIG_KEYS.index("base_image_size")] += f"  # {format_size(config.base_image_size)}"
+    emit(args, settings, [f"# {args.file}: valid", *lines])
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmfs`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -348,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnvironmentProblem as error:
         log.error("%s", error)
         return EXIT_ENVIRONMENT
+    except BrokenPipeError:
+        # The reader of our output went away (`dmfs ... | head`): nothing to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except (OperationFailed, PoolAdminError, DmError, OSError) as error:
         log.debug("details", exc_info=True)
         log.error("%s", error)

@@ -198,6 +198,12 @@ def test_destroy_keeps_the_files_and_create_brings_the_pool_back(scratch_dir: Pa
     assert pool_name not in run("dmsetup", "ls").stdout
     assert loops_of(data) == [], "a failed create left a loop device behind"
 
+    # The files of an inactive pool are deleted on request.
+    result = dmfs("pool", "destroy", "--name", pool_name, "--loopback", str(scratch_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"pool {pool_name} was not active\n")
+    assert list(scratch_dir.iterdir()) == []
+
 
 def test_create_refuses_a_pool_of_that_name_on_other_files(scratch_dir: Path,
                                                            thin_pool: LoopPool) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import subprocess
@@ -158,3 +159,33 @@ def test_auto_format_is_journal_on_systemds_journal_stream(tmp_path: Path) -> No
     result = run_cli("pool", "create", "--loopback", str(tmp_path), "--name", "p", "--size",
                      "1K", env=env)
     assert result.stderr.startswith("dmfs: error: size 1KiB is too small")
+
+
+EXAMPLE = Path(__file__).parents[2] / "contrib" / "dmfs.toml.example"
+
+
+def test_config_prints_every_setting_with_defaults_resolved() -> None:
+    result = run_cli("config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"# {EXAMPLE}: valid"
+    assert "base_image_size     10737418240  # 10GiB" in lines
+    assert 'root_path           "/var/lib/dmfs/pool0"' in lines
+    assert "mountpoint          -" in lines
+    settings = json.loads(run_cli("config", str(EXAMPLE), "--json").stdout)
+    assert settings["base_image_size"] == 10 * 1024**3
+    assert settings["idle_timeout"] == 300.0
+    assert settings["runtime_path"] == "/run/dmfs/pool0"
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pool0.toml"
+    path.write_text('[dmfs]\npool_name = "pool0"\nbase_image_size = "10GB"\nidle_timout = 5\n')
+    result = run_cli("config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (f"dmfs: error: {path}: [dmfs] idle_timout: unknown key "
+                             f"(did you mean 'idle_timeout'?)\n")
+    missing = run_cli("config", str(tmp_path / "missing.toml"))
+    assert missing.returncode == 2
+    assert "missing.toml: cannot read: No such file or directory" in missing.stderr
