@@ -19,8 +19,11 @@ The commands that need the snapshot engine come with it: ``mount``, ``status``,
 :mod:`dmfs.preflight`.  It must also accept the calling convention of
 ``mount.fuse3`` for fstab lines of type ``fuse.dmfs`` (contrib/fstab.example):
 ``dmfs CONFIG MOUNTPOINT -o OPTIONS``, returning only once mounted (mount(8)
-waits for it), whereas under systemd (contrib/systemd/dmfs@.service) it runs
-in the foreground.
+waits for it).  With the example line, OPTIONS is ``rw,nodev,nosuid``:
+libmount keeps ``x-*`` options to itself and mount.fuse3 drops ``nofail`` and
+``_netdev``.  Under systemd (contrib/systemd/dmfs@.service, ``Type=notify``)
+it runs as ``dmfs mount --config FILE --foreground`` and calls
+``dmfs.sdnotify.notify("READY=1")`` once mounted, ``"STOPPING=1"`` on SIGTERM.
 """
 
 from __future__ import annotations

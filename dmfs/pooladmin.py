@@ -51,6 +51,8 @@ DEFAULT_MIN_METADATA_SIZE = 16 * 1024**2
 #: headroom costs nothing until it is used.
 METADATA_BYTES_PER_BLOCK = 96
 DEFAULT_LOW_WATER = "10%"
+#: Block zeroing stays on (no skip_block_zeroing): without it, a block freed by one
+#: snapshot and allocated to another still shows the first one's data.
 POOL_FEATURES = ("error_if_no_space",)
 LOOP_MAJOR = 7
 
