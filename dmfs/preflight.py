@@ -1,0 +1,215 @@
+"""Checks that the machine is ready, run before a command touches anything.
+
+Each check raises :class:`EnvironmentProblem` with one line that says what is
+missing and what to do about it.  The ``dmfs pool`` commands use them now; the
+``mount`` command is meant to call :func:`require_root`,
+:func:`require_device_mapper`, :func:`open_device_mapper`, :func:`require_fuse`,
+:func:`require_thin_pool` and :func:`require_mountpoint` in that order.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from dmfs.pool.dm import DeviceMapper, DmError, NoSuchDevice, Target
+from dmfs.pool.dmsetup import DmsetupDriver
+
+DM_CONTROL = Path("/dev/mapper/control")
+FUSE_DEVICE = Path("/dev/fuse")
+SYS_MODULE = Path("/sys/module")
+THIN_POOL_MODULE = "dm_thin_pool"
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+class EnvironmentProblem(Exception):
+    """The machine is not ready for the operation; the message says what to do."""
+
+
+def require_root(action: str) -> None:
+    """Refuse unless running as root: device-mapper and loop devices need it."""
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            f"{action} must run as root (device-mapper, loop devices and mounts need "
+            f"CAP_SYS_ADMIN): run it with sudo")
+
+
+def load_kernel_module(module: str) -> bool:
+    """Try ``modprobe MODULE``; True when it succeeded."""
+    modprobe = shutil.which("modprobe") or "/sbin/modprobe"
+    try:
+        result = subprocess.run([modprobe, "-q", module], capture_output=True, check=False)
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+def require_device_mapper(*, load_module: Callable[[str], bool] = load_kernel_module,
+                          control: Path = DM_CONTROL, sys_module: Path = SYS_MODULE) -> None:
+    """Make sure the kernel has device-mapper and its thin-pool target.
+
+    When either is missing, ``modprobe dm_thin_pool`` (which pulls in dm_mod)
+    is tried once.  The thin-pool target is recognised by
+    ``/sys/module/dm_thin_pool``, present whether it is a loaded module or
+    built in (it has module parameters), so this needs neither dmsetup nor
+    an ioctl.
+    """
+    def missing() -> str | None:
+        if not control.exists():
+            return f"the kernel has no device-mapper ({control} is missing)"
+        if not (sys_module / THIN_POOL_MODULE).is_dir():
+            return "the kernel has no dm-thin target (thin-pool)"
+        return None
+
+    if missing() is None:
+        return
+    load_module(THIN_POOL_MODULE)
+    problem = missing()
+    if problem is not None:
+        raise EnvironmentProblem(
+            f"{problem}, and `modprobe {THIN_POOL_MODULE}` did not load it: use a kernel "
+            f"with CONFIG_DM_THIN_PROVISIONING (Debian: the standard linux-image packages; "
+            f"containers: load the module on the host)")
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a command needed on PATH; EnvironmentProblem naming its package."""
+    path = shutil.which(name)
+    if path is None:
+        raise EnvironmentProblem(f"{name} not found on PATH: install the {package} package")
+    return path
+
+
+def _open_dmsetup() -> DeviceMapper:
+    require_tool("dmsetup", "dmsetup (Fedora/RHEL: device-mapper)")
+    try:
+        return DmsetupDriver()
+    except (OSError, RuntimeError, DmError) as error:
+        raise EnvironmentProblem(f"dmsetup cannot be used: {error}") from None
+
+
+#: Device-mapper drivers by the name the config's ``driver`` key uses.  Only the
+#: drivers this version ships are here; opening one that is not fails clearly.
+DEVICE_MAPPER_DRIVERS: dict[str, Callable[[], DeviceMapper]] = {
+    "dmsetup": _open_dmsetup,
+}
+
+
+def open_device_mapper(driver: str) -> DeviceMapper:
+    """An instance of the named device-mapper driver, or EnvironmentProblem."""
+    try:
+        factory = DEVICE_MAPPER_DRIVERS[driver]
+    except KeyError:
+        available = ", ".join(repr(name) for name in DEVICE_MAPPER_DRIVERS)
+        raise EnvironmentProblem(
+            f"the {driver!r} device-mapper driver is not available in this version of dmfs: "
+            f"use driver = {available}") from None
+    return factory()
+
+
+def require_fuse(device: Path = FUSE_DEVICE) -> None:
+    """Make sure /dev/fuse exists (the kernel's FUSE module is loaded)."""
+    try:
+        mode = device.stat().st_mode
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"{device} is missing: load the kernel module with `modprobe fuse` and install "
+            f"fuse3 (in a container, pass the host's {device} in)") from None
+    if not stat.S_ISCHR(mode):
+        raise EnvironmentProblem(f"{device} is not a character device: recreate it with "
+                                 f"`mknod {device} c 10 229`")
+
+
+def _lvm_pool_hint(dm: DeviceMapper, name: str) -> str:
+    """A hint when ``name`` is an LVM thin pool's public face rather than its pool device."""
+    candidate = f"{name}-tpool"
+    try:
+        table = dm.table(candidate)
+    except DmError:
+        return ""
+    if len(table) == 1 and table[0].target_type == "thin-pool":
+        return f"; LVM calls the thin-pool device of this pool {candidate!r}: use that name"
+    return ""
+
+
+def require_thin_pool(dm: DeviceMapper, name: str) -> Target:
+    """The live table line of thin pool ``name``; EnvironmentProblem if it is not one."""
+    try:
+        table = dm.table(name)
+    except NoSuchDevice:
+        devices = list(dm.list_devices())
+        close = difflib.get_close_matches(name, devices, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise EnvironmentProblem(
+            f"thin pool {name!r} not found (no device-mapper device of that name): create "
+            f"it with `dmfs pool create` or as contrib/PRODUCTION-POOL.md shows, and check "
+            f"the name with `dmsetup ls`{hint}") from None
+    if len(table) == 1 and table[0].target_type == "thin-pool":
+        return table[0]
+    kinds = ", ".join(sorted({target.target_type for target in table})) or "no table"
+    raise EnvironmentProblem(
+        f"device {name!r} is not a thin-pool (its table has: {kinds})"
+        f"{_lvm_pool_hint(dm, name)}")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, char)
+    return field
+
+
+class Mount(NamedTuple):
+    """One line of /proc/self/mountinfo, the parts dmfs looks at."""
+
+    devnum: str  # "major:minor" of the mounted device
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mounts() -> list[Mount]:
+    """Every mount of this process's mount namespace."""
+    entries = []
+    for line in MOUNTINFO.read_text().splitlines():
+        fields = line.split()
+        separator = fields.index("-")
+        entries.append(Mount(fields[2], _unescape_mountinfo(fields[4]), fields[separator + 1],
+                             _unescape_mountinfo(fields[separator + 2])))
+    return entries
+
+
+def require_mountpoint(path: Path) -> Path:
+    """Make sure ``path`` is an existing directory with nothing mounted on it.
+
+    Returns the resolved path.  A FUSE mount whose daemon died answers
+    ENOTCONN; the message says how to clear it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"mountpoint {path} does not exist: create it with `mkdir -p {path}`") from None
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise EnvironmentProblem(
+                f"mountpoint {path} is a stale FUSE mount whose daemon is gone: "
+                f"clear it with `umount -l {path}`") from None
+        raise EnvironmentProblem(f"mountpoint {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise EnvironmentProblem(f"mountpoint {path} is not a directory")
+    resolved = path.resolve()
+    for mount in mounts():
+        if mount.mountpoint == str(resolved):
+            raise EnvironmentProblem(
+                f"mountpoint {path} is busy: {mount.source} ({mount.fstype}) is already "
+                f"mounted there; "
+                f"unmount it first (findmnt {resolved})")
+    return resolved
