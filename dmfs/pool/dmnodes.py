@@ -115,26 +115,31 @@ class OwnNodes:
         self.make_node(name, devnum)
 
     def after_remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.directory / name).unlink()
+        path = self.directory / name
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise DmError(error.errno, "remove node", name, str(path)) from error
 
     def make_node(self, name: str, devnum: tuple[int, int]) -> None:
         """Create ``<directory>/<name>`` for ``devnum``, replacing a stale entry."""
         path = self.directory / name
         rdev = os.makedev(*devnum)
         try:
-            st = path.lstat()
-        except FileNotFoundError:
-            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        else:
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
-                return
-            path.unlink()
-        try:
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            else:
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                    return
+                path.unlink()
             os.mknod(path, stat.S_IFBLK | NODE_MODE, rdev)
+            os.chmod(path, NODE_MODE)  # the umask may have taken bits away
         except OSError as error:
             raise DmError(error.errno, "create node", name, str(path)) from error
-        os.chmod(path, NODE_MODE)  # the umask may have taken bits away
 
 
 class _UdevWatch:
