@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmfs.config import Config
 from dmfs.pool import fs
 from dmfs.pool.dm import DeviceMapper, Target
-from dmfs.pool.snapshotter import Snapshotter, make_driver
+from dmfs.pool.drivers import open_driver
+from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import loop_pool
 
 BASE_SIZE = 256 * 2**20
@@ -121,7 +122,7 @@ async def main(args: argparse.Namespace) -> None:
         config = Config(pool_name=pool.name, base_image_size=BASE_SIZE,
                         root_path=work / "state", runtime_path=work / "run",
                         driver=args.driver, idle_timeout=3600)
-        dm = make_driver(args.driver)
+        dm = open_driver(args.driver)
         floor_dir = work / "floor"
         floor_dir.mkdir()
         async with Snapshotter.open(config, dm) as engine:

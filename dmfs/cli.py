@@ -40,6 +40,7 @@ from typing import Any, ClassVar, TextIO
 from dmfs import __version__
 from dmfs.config import CONFIG_KEYS, LOG_LEVELS, Config, ConfigError, dm_name_problem, load_config
 from dmfs.pool.dm import DmError
+from dmfs.pool.drivers import DRIVERS
 from dmfs.pooladmin import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LOW_WATER,
@@ -51,7 +52,6 @@ from dmfs.pooladmin import (
     plan_loop_pool,
 )
 from dmfs.preflight import (
-    DEVICE_MAPPER_DRIVERS,
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
@@ -210,9 +210,9 @@ def common_options(suppress_defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def driver_option(parser: argparse.ArgumentParser) -> None:
-    drivers = sorted(DEVICE_MAPPER_DRIVERS)
-    parser.add_argument("--driver", choices=drivers, default="dmsetup",
-                        help="how to talk to device-mapper (default: dmsetup)")
+    parser.add_argument("--driver", choices=DRIVERS, default=DRIVERS[0],
+                        help=f"how to talk to device-mapper (default: {DRIVERS[0]}: ioctls "
+                             "on /dev/mapper/control; dmsetup runs the command)")
 
 
 def json_option(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dmfs.pool.drivers import DRIVERS
 from dmfs.units import SIZE_EXAMPLES, format_size, parse_duration, parse_size
 
 try:
@@ -58,7 +59,7 @@ class Config:
     #: answer a remove before the thin device is deleted; the deletion finishes in the background
     async_remove: bool = False
     #: "ioctl" (device-mapper ioctls, default) or "dmsetup" (the command, fallback)
-    driver: str = "dmsetup"
+    driver: str = "ioctl"
     #: seconds to wait for a device's udev event on activation
     activation_timeout: float = 10.0
     #: seconds a read-only snapshot mount stays after its last use
@@ -93,7 +94,6 @@ CONFIG_TABLES: dict[tuple[str, ...], str] = {
         '[plugins."io.containerd.snapshotter.v1.devmapper"]',
 }
 FS_TYPES = ("ext4",)
-DRIVERS = ("ioctl", "dmsetup")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Longest pool name accepted.  The kernel allows 127 bytes; the rest is left for
 #: the names of the thin devices dmfs derives from the pool's name.

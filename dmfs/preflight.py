@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dmfs.pool.dm import DeviceMapper, DmError, NoSuchDevice, Target
-from dmfs.pool.dmsetup import DmsetupDriver
+from dmfs.pool.drivers import DRIVERS, open_driver
 
 DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
@@ -87,31 +87,18 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-def _open_dmsetup() -> DeviceMapper:
-    require_tool("dmsetup", "dmsetup (Fedora/RHEL: device-mapper)")
-    try:
-        return DmsetupDriver()
-    except (OSError, RuntimeError, DmError) as error:
-        raise EnvironmentProblem(f"dmsetup cannot be used: {error}") from None
-
-
-#: Device-mapper drivers by the name the config's ``driver`` key uses.  Only the
-#: drivers this version ships are here; opening one that is not fails clearly.
-DEVICE_MAPPER_DRIVERS: dict[str, Callable[[], DeviceMapper]] = {
-    "dmsetup": _open_dmsetup,
-}
-
-
-def open_device_mapper(driver: str) -> DeviceMapper:
+def open_device_mapper(driver: str, *, udev_timeout: float = 10.0) -> DeviceMapper:
     """An instance of the named device-mapper driver, or EnvironmentProblem."""
+    if driver not in DRIVERS:
+        raise EnvironmentProblem(f"unknown device-mapper driver {driver!r}: use one of "
+                                 f"{', '.join(repr(name) for name in DRIVERS)}")
+    if driver == "dmsetup":
+        require_tool("dmsetup", "dmsetup (Fedora/RHEL: device-mapper)")
     try:
-        factory = DEVICE_MAPPER_DRIVERS[driver]
-    except KeyError:
-        available = ", ".join(repr(name) for name in DEVICE_MAPPER_DRIVERS)
-        raise EnvironmentProblem(
-            f"the {driver!r} device-mapper driver is not available in this version of dmfs: "
-            f"use driver = {available}") from None
-    return factory()
+        return open_driver(driver, udev_timeout=udev_timeout)
+    except (OSError, RuntimeError, DmError) as error:
+        raise EnvironmentProblem(f"the {driver} device-mapper driver cannot be used: "
+                                 f"{error}") from None
 
 
 def require_fuse(device: Path = FUSE_DEVICE) -> None:

@@ -48,7 +48,8 @@ class NoData(DmError):
 
 
 class DeviceBusy(DmError):
-    """EBUSY: the device is open (mounted, held) and cannot be removed."""
+    """EBUSY: the device is open (mounted, held) and cannot be removed, or
+    DM_DEV_CREATE named a device (or uuid) that already exists."""
 
 
 _ERROR_TYPES: dict[int, type[DmError]] = {
@@ -153,4 +154,8 @@ class DeviceMapper(Protocol):
 
     def device_path(self, name: str) -> str:
         """A block device node for the device (``/dev/mapper/<name>``)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the driver holds open; it is unusable afterwards."""
         ...

@@ -140,3 +140,6 @@ class DmsetupDriver:
 
     def device_path(self, name: str) -> str:
         return f"/dev/mapper/{name}"
+
+    def close(self) -> None:
+        """Nothing to release: every call is its own process."""

@@ -22,6 +22,7 @@ import trio
 from dmfs.config import Config
 from dmfs.pool import fs
 from dmfs.pool.dm import DeviceExists, DeviceMapper, DmError
+from dmfs.pool.drivers import open_driver
 from dmfs.pool.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -92,17 +93,6 @@ def _maybe_live(device: Device) -> bool:
                                 DeviceState.DEACTIVATED)
 
 
-def make_driver(name: str) -> DeviceMapper:
-    """The device-mapper driver the config names."""
-    if name == "dmsetup":
-        from dmfs.pool.dmsetup import DmsetupDriver
-
-        return DmsetupDriver()
-    if name == "ioctl":
-        from dmfs.pool.dmioctl import IoctlDriver  # type: ignore[import-not-found]
-
-        return IoctlDriver()
-    raise ValueError(f"unknown device-mapper driver {name!r} (ioctl or dmsetup)")
 
 
 class Snapshotter:
@@ -132,7 +122,10 @@ class Snapshotter:
     async def open(cls, config: Config, dm: DeviceMapper | None = None
                    ) -> AsyncIterator[Snapshotter]:
         """Start the engine (replay, reconcile, base device), stop it on exit."""
-        engine = cls(config, dm or make_driver(config.driver))
+        own_driver = dm is None
+        if dm is None:
+            dm = open_driver(config.driver, udev_timeout=config.activation_timeout)
+        engine = cls(config, dm)
         async with trio.open_nursery() as nursery:
             engine._nursery = nursery
             try:
@@ -144,6 +137,8 @@ class Snapshotter:
                 with trio.CancelScope(shield=True):
                     await engine._stop()
                 nursery.cancel_scope.cancel()
+                if own_driver:
+                    dm.close()
 
     async def _start(self) -> None:
         from dmfs.pool.reconcile import reconcile

@@ -73,16 +73,24 @@ def _mounts_of(devnums: set[str]) -> list[str]:
 
 
 def _thin_devices_of(pool: LoopPool) -> list[tuple[str, str]]:
-    """(name, major:minor) of every dm device whose table maps onto the pool."""
+    """(name, major:minor) of every dm device whose table maps onto the pool.
+
+    Device numbers come from dmsetup, not from /dev/mapper nodes, which a test
+    may not have made."""
     pool_devnum = pool.devnum
+    numbers = {}
+    for line in run("dmsetup", "info", "-c", "--noheadings", "--separator", " ",
+                    "-o", "name,major,minor", check=False).stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            numbers[fields[0]] = f"{fields[1]}:{fields[2]}"
     found = []
-    tables = run("dmsetup", "table", check=False).stdout.splitlines()
-    for line in tables:
+    for line in run("dmsetup", "table", check=False).stdout.splitlines():
         name, _, table = line.partition(": ")
         fields = table.split()
-        if len(fields) >= 4 and fields[2] == "thin" and fields[3] in (pool_devnum, pool.device):
-            st = os.stat(f"/dev/mapper/{name}")
-            found.append((name, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"))
+        if (len(fields) >= 4 and fields[2] == "thin" and fields[3] in (pool_devnum, pool.device)
+                and name in numbers):
+            found.append((name, numbers[name]))
     return found
 
 
