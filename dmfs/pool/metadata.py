@@ -123,16 +123,41 @@ class Metadata:
         self.base_id: int | None = None
         self.devices: dict[int, Device] = {}
         self.snapshots: dict[str, Snapshot] = {}
+        # Indexes, kept by _store/_drop: listing a node with 10,000 children
+        # must not scan every snapshot per entry.
+        self._children: dict[str | None, set[str]] = {}
+        self._by_device: dict[int, str] = {}
 
     # -- queries ---------------------------------------------------------------
-    def children(self, key: str) -> list[Snapshot]:
-        return [s for s in self.snapshots.values() if s.parent == key]
+    def children(self, key: str | None) -> list[Snapshot]:
+        """The snapshots whose parent is ``key`` (None: the parentless ones)."""
+        return [self.snapshots[k] for k in self._children.get(key, ())]
+
+    def child_count(self, key: str | None) -> int:
+        return len(self._children.get(key, ()))
 
     def snapshot_of_device(self, device_id: int) -> Snapshot | None:
-        for snapshot in self.snapshots.values():
-            if snapshot.device_id == device_id:
-                return snapshot
-        return None
+        key = self._by_device.get(device_id)
+        return self.snapshots[key] if key is not None else None
+
+    def _store(self, snapshot: Snapshot) -> None:
+        if snapshot.key in self.snapshots:
+            self._drop(snapshot.key)
+        self.snapshots[snapshot.key] = snapshot
+        self._children.setdefault(snapshot.parent, set()).add(snapshot.key)
+        self._by_device[snapshot.device_id] = snapshot.key
+
+    def _drop(self, key: str) -> Snapshot:
+        try:
+            snapshot = self.snapshots.pop(key)
+        except KeyError:
+            raise MetadataError(f"record names unknown snapshot {key!r}") from None
+        siblings = self._children[snapshot.parent]
+        siblings.discard(key)
+        if not siblings:
+            del self._children[snapshot.parent]
+        del self._by_device[snapshot.device_id]
+        return snapshot
 
     def allocate_id(self, unavailable: set[int] | frozenset[int] = frozenset()) -> int | None:
         """The lowest id no device of ours (any state, Faulty included) nor
@@ -170,11 +195,10 @@ class Metadata:
             self.base_id = None
 
     def _apply_snapshot(self, record: dict[str, Any]) -> None:
-        snapshot = Snapshot.from_json(record["snapshot"])
-        self.snapshots[snapshot.key] = snapshot
+        self._store(Snapshot.from_json(record["snapshot"]))
 
     def _apply_commit(self, record: dict[str, Any]) -> None:
-        snapshot = self._pop(record["key"])
+        snapshot = self._drop(record["key"])
         snapshot.key = record["name"]
         snapshot.kind = Kind.COMMITTED
         snapshot.usage = record["usage"]
@@ -182,28 +206,24 @@ class Metadata:
         snapshot.pending = None
         if "labels" in record:
             snapshot.labels = record["labels"]
-        self.snapshots[snapshot.key] = snapshot
+        self._store(snapshot)
 
     def _apply_rename(self, record: dict[str, Any]) -> None:
-        snapshot = self._pop(record["key"])
-        snapshot.key = record["name"]
+        old, new = record["key"], record["name"]
+        snapshot = self._drop(old)
+        snapshot.key = new
         snapshot.updated = record["updated"]
-        self.snapshots[snapshot.key] = snapshot
-        for child in self.snapshots.values():
-            if child.parent == record["key"]:
-                child.parent = record["name"]
+        self._store(snapshot)
+        for child in self.children(old):
+            self._drop(child.key)
+            child.parent = new
+            self._store(child)
 
     def _apply_remove(self, record: dict[str, Any]) -> None:
-        snapshot = self._pop(record["key"])
+        snapshot = self._drop(record["key"])
         device = self.devices.get(snapshot.device_id)
         if device is not None:
             device.state = DeviceState.REMOVING
-
-    def _pop(self, key: str) -> Snapshot:
-        try:
-            return self.snapshots.pop(key)
-        except KeyError:
-            raise MetadataError(f"record names unknown snapshot {key!r}") from None
 
     # -- checkpoint --------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
@@ -224,5 +244,6 @@ class Metadata:
         meta.pool_name = data["pool"]
         meta.base_id = data["base_id"]
         meta.devices = {d["id"]: Device.from_json(d) for d in data["devices"]}
-        meta.snapshots = {s["key"]: Snapshot.from_json(s) for s in data["snapshots"]}
+        for snapshot in data["snapshots"]:
+            meta._store(Snapshot.from_json(snapshot))
         return meta
