@@ -22,7 +22,7 @@ The commands that need the snapshot engine come with it: ``mount``, ``status``,
 waits for it).  With the example line, OPTIONS is ``rw,nodev,nosuid``:
 libmount keeps ``x-*`` options to itself and mount.fuse3 drops ``nofail`` and
 ``_netdev``.  Under systemd (contrib/systemd/dmfs@.service, ``Type=notify``)
-it runs as ``dmfs mount --config FILE --foreground`` and calls
+it runs as ``dmfs mount FILE --foreground`` and calls
 ``dmfs.sdnotify.notify("READY=1")`` once mounted, ``"STOPPING=1"`` on SIGTERM.
 """
 
@@ -321,9 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS_HELP)
     parser.add_argument("--version", action="version", version=f"dmfs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_parser in COMMAND_PARSERS:
+    # The engine's commands import this module for its helpers: load them here.
+    from dmfs.cli_mount import add_mount_parser
+
+    for add_parser in (add_mount_parser, *COMMAND_PARSERS):
         add_parser(commands)
     return parser
+
+
+def mount_helper_argv(argv: Sequence[str]) -> list[str]:
+    """mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o OPTIONS``: that means ``mount``."""
+    args = list(argv)
+    if args and not args[0].startswith("-") and os.path.isfile(args[0]):
+        return ["mount", *args]
+    return args
 
 
 # ---- commands ----------------------------------------------------------------------
@@ -377,7 +388,7 @@ def run_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmfs`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level, args.log_format)
     try:
         return args.run(args)

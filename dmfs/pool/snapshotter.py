@@ -71,6 +71,12 @@ class Info:
     device_id: int
     state: DeviceState
     mountpoint: Path | None  # where its filesystem is mounted now, if it is
+    usage: int | None = None  # bytes, for committed snapshots (fixed at commit)
+
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What stays the same through commit and rename: (device id, created)."""
+        return (self.device_id, self.created)
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,7 @@ class Snapshotter:
                     labels=dict(snapshot.labels), created=snapshot.created,
                     updated=snapshot.updated, device_id=snapshot.device_id,
                     state=device.state if device else DeviceState.UNKNOWN,
-                    mountpoint=mount.path if mount else None)
+                    mountpoint=mount.path if mount else None, usage=snapshot.usage)
 
     async def stat(self, key: str) -> Info:
         """containerd Stat: the snapshot's info; NotFound when it does not exist."""
@@ -229,8 +235,46 @@ class Snapshotter:
 
     def children(self, key: str | None) -> list[Info]:
         """The snapshots whose parent is ``key`` (None: the parentless ones), by key."""
-        return [self._info(s) for s in sorted(self.meta.snapshots.values(),
-                                              key=lambda s: s.key) if s.parent == key]
+        return [self._info(s) for s in sorted(self.meta.children(key), key=lambda s: s.key)]
+
+    def child_count(self, key: str | None) -> int:
+        return self.meta.child_count(key)
+
+    def by_device(self, device_id: int) -> Info | None:
+        """The snapshot on a thin device, if any (for the FUSE view's inodes)."""
+        snapshot = self.meta.snapshot_of_device(device_id)
+        return self._info(snapshot) if snapshot else None
+
+    def mount_path(self, device_id: int) -> Path:
+        """Where a snapshot's filesystem is (or will be) mounted."""
+        return self.mount_dir / str(device_id)
+
+    async def pool_info(self) -> dict[str, Any]:
+        """Pool status for people and scripts (.dmfs/pool, dmfs status)."""
+        status = await self.pool.status()
+        table = self.pool.table
+        block = self.pool.block_size
+        low_water = table.low_water_blocks if table else 0
+        kinds = {kind.value: 0 for kind in Kind}
+        for snapshot in self.meta.snapshots.values():
+            kinds[snapshot.kind.value] += 1
+        return {
+            "name": self.pool.name, "mode": status.mode,
+            "transaction_id": status.transaction_id, "block_size": block,
+            "data_used_blocks": status.used_data_blocks,
+            "data_total_blocks": status.total_data_blocks,
+            "data_used_bytes": status.used_data_blocks * block,
+            "data_total_bytes": status.total_data_blocks * block,
+            "metadata_used_blocks": status.used_metadata_blocks,
+            "metadata_total_blocks": status.total_metadata_blocks,
+            "low_water_blocks": low_water,
+            "low_water": "reached" if (low_water and status.free_data_blocks <= low_water)
+                         else "ok",
+            "needs_check": status.needs_check,
+            "snapshots": kinds,
+            "devices": len(self.meta.devices),
+            "faulty_devices": [d.id for d in self.faulty()],
+        }
 
     async def walk(self, *filters: str) -> list[Info]:
         """containerd Walk: every snapshot matching any filter (all without one)."""
@@ -420,11 +464,8 @@ class Snapshotter:
             raise PoolError(str(error)) from error
         return self._set_state(device, DeviceState.DEACTIVATED)
 
-    def _mount_path(self, device_id: int) -> Path:
-        return self.mount_dir / str(device_id)
-
     async def _mount(self, device: Device, *, read_only: bool) -> Path:
-        path = self._mount_path(device.id)
+        path = self.mount_path(device.id)
         path.mkdir(exist_ok=True)
         source = self.dm.device_path(device.name)
         await trio.to_thread.run_sync(
@@ -670,7 +711,7 @@ class Snapshotter:
             with contextlib.suppress(InUse):
                 await self._unmount(device.id)
             if device.id in self._mounts:
-                raise InUse(f"{self._mount_path(device.id)} is still in use")
+                raise InUse(f"{self.mount_path(device.id)} is still in use")
             if live:
                 if self.config.discard_blocks and not device.read_only:
                     with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ import pytest
 from dmfs.config import Config
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.tree import MountedTree, write_config
 
 #: device-mapper drivers the engine suite runs on
 DRIVERS = ["dmsetup"] + (["ioctl"] if importlib.util.find_spec("dmfs.pool.dmioctl") else [])
@@ -23,6 +24,7 @@ BASE_IMAGE_SIZE = 64 * 2**20
 def scratch_dir() -> Iterator[Path]:
     """A private directory on tmpfs (pool files, mountpoints)."""
     path = Path(tempfile.mkdtemp(prefix="dmfs-test-", dir="/dev/shm"))
+    path.chmod(0o755)  # tests act as other users under it
     try:
         yield path
     finally:
@@ -55,3 +57,26 @@ async def engine(engine_config: Config) -> AsyncIterator[Snapshotter]:
     """A running engine on a fresh pool."""
     async with Snapshotter.open(engine_config) as snapshotter:
         yield snapshotter
+
+
+@pytest.fixture
+def tree_config(thin_pool: LoopPool, scratch_dir: Path) -> Path:
+    """A config file for dmfs on the test pool (default driver)."""
+    return write_config(scratch_dir, thin_pool.name)
+
+
+@pytest.fixture
+def unmounted_tree(tree_config: Path, scratch_dir: Path) -> Iterator[MountedTree]:
+    """A tree not mounted yet; whatever happens, no daemon or mount is left."""
+    tree = MountedTree(tree_config, scratch_dir / "mnt", scratch_dir / "run")
+    try:
+        yield tree
+    finally:
+        tree.cleanup()
+
+
+@pytest.fixture
+def tree(unmounted_tree: MountedTree) -> MountedTree:
+    """dmfs mounted on the test pool with `dmfs mount`, as root."""
+    unmounted_tree.mount()
+    return unmounted_tree

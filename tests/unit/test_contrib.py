@@ -38,7 +38,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 def test_systemd_unit_serves_one_config_per_instance() -> None:
     service = UNIT.read_text().split("\n[Service]\n")[-1]
-    assert "--config /etc/dmfs/%i.toml" in service
+    assert "dmfs mount /etc/dmfs/%i.toml --foreground" in service
     assert "Type=notify" in service and "RestartPreventExitStatus=2" in service
 
 

@@ -1,0 +1,57 @@
+"""Snapshot keys as directory entry names, and back.
+
+containerd keys may contain ``/``; in the tree ``%`` and ``/`` are
+percent-encoded (``%25``, ``%2F``), and so is a leading ``.`` (``%2E``), which
+would otherwise hide the node or collide with ``.``, ``..`` and ``.dmfs``.
+Decoding is strict: a name is valid only if encoding its key gives it back,
+so every key has exactly one name.
+"""
+
+from __future__ import annotations
+
+NAME_MAX = 255
+#: names a user cannot mkdir: ``fs`` is every node's file link, so a snapshot
+#: called ``fs`` could never appear as a child
+RESERVED_KEYS = frozenset({"fs"})
+_ESCAPES = {"25": "%", "2F": "/", "2E": "."}
+
+
+class BadName(ValueError):
+    """A directory entry name that no snapshot key encodes to."""
+
+
+def encode_key(key: str) -> str:
+    """The directory entry name of a snapshot key."""
+    name = key.replace("%", "%25").replace("/", "%2F")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name
+
+
+def decode_name(name: str) -> str:
+    """The snapshot key a directory entry name stands for; BadName when none."""
+    if not name or name.startswith("."):
+        raise BadName(f"{name!r}: names starting with '.' are reserved")
+    parts, i = [], 0
+    while i < len(name):
+        if name[i] == "%":
+            code = name[i + 1:i + 3].upper()
+            if code not in _ESCAPES:
+                raise BadName(f"{name!r}: '%' must start %25, %2F or %2E")
+            parts.append(_ESCAPES[code])
+            i += 3
+        else:
+            parts.append(name[i])
+            i += 1
+    key = "".join(parts)
+    if encode_key(key) != name:
+        raise BadName(f"{name!r} is not a valid encoded key (write % as %25 and / as %2F)")
+    return key
+
+
+def check_new_key(key: str) -> None:
+    """Refuse keys a user may not create through the tree."""
+    if key in RESERVED_KEYS:
+        raise BadName(f"{key!r} is reserved (every node has an entry of that name)")
+    if len(encode_key(key).encode()) > NAME_MAX:
+        raise BadName(f"the name of {key[:32]!r}... is longer than {NAME_MAX} bytes")
