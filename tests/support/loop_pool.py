@@ -37,6 +37,9 @@ class LoopPool:
     data_sectors: int
     block_sectors: int
     files: tuple[Path, Path]
+    #: a linear dm device between the data loop and the pool, when asked for:
+    #: suspending it makes every data I/O wait (a stalled disk)
+    data_linear: str | None = None
 
     @property
     def device(self) -> str:
@@ -103,6 +106,9 @@ def destroy_pool(pool: LoopPool) -> None:
         for name, _ in thins:
             run("dmsetup", "remove", "--retry", name, check=False)
         run("dmsetup", "remove", "--retry", pool.name, check=False)
+        if pool.data_linear:
+            run("dmsetup", "resume", pool.data_linear, check=False)
+            run("dmsetup", "remove", "--retry", pool.data_linear, check=False)
     for loop in (pool.data_loop, pool.metadata_loop):
         run("losetup", "-d", loop, check=False)
     for path in pool.files:
@@ -113,8 +119,11 @@ def destroy_pool(pool: LoopPool) -> None:
 @contextmanager
 def loop_pool(workdir: Path, data_mib: int = 512, metadata_mib: int = 16,
               block_kib: int = 64, low_water_blocks: int = 0,
-              name: str | None = None) -> Iterator[LoopPool]:
-    """Create a loop-backed thin pool; remove it and its devices on exit."""
+              name: str | None = None, linear_data: bool = False) -> Iterator[LoopPool]:
+    """Create a loop-backed thin pool; remove it and its devices on exit.
+
+    With ``linear_data`` the data loop sits under a linear dm device
+    (``<name>-data``) that a test can suspend to stall data I/O."""
     name = name or f"dmfs-test-{os.getpid()}-{next(_counter)}"
     data_file, metadata_file = workdir / f"{name}.data", workdir / f"{name}.meta"
     for path, mib in ((data_file, data_mib), (metadata_file, metadata_mib)):
@@ -126,12 +135,19 @@ def loop_pool(workdir: Path, data_mib: int = 512, metadata_mib: int = 16,
             loops.append(run("losetup", "--find", "--show", str(path)).stdout.strip())
         data_sectors = data_mib * 2**20 // SECTOR
         block_sectors = block_kib * 1024 // SECTOR
-        table = (f"0 {data_sectors} thin-pool {loops[1]} {loops[0]} {block_sectors} "
+        data_device, linear = loops[0], None
+        if linear_data:
+            linear = f"{name}-data"
+            run("dmsetup", "create", linear, "--table", f"0 {data_sectors} linear {loops[0]} 0")
+            data_device = f"/dev/mapper/{linear}"
+        table = (f"0 {data_sectors} thin-pool {loops[1]} {data_device} {block_sectors} "
                  f"{low_water_blocks} 1 error_if_no_space")
         pool = LoopPool(name, loops[0], loops[1], data_sectors, block_sectors,
-                        (data_file, metadata_file))
+                        (data_file, metadata_file), linear)
         run("dmsetup", "create", name, "--table", table)
     except BaseException:
+        if linear_data:
+            run("dmsetup", "remove", f"{name}-data", check=False)
         for loop in loops:
             run("losetup", "-d", loop, check=False)
         for path in (data_file, metadata_file):
