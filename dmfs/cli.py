@@ -386,8 +386,20 @@ def run_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: where the tools dmfs runs live; mount(8) starts helpers with a minimal PATH
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def complete_path() -> None:
+    """Add the system directories missing from PATH (thin_ls, mkfs.ext4, losetup)."""
+    present = os.environ.get("PATH", "").split(os.pathsep)
+    missing = [d for d in SYSTEM_PATH if d not in present]
+    os.environ["PATH"] = os.pathsep.join([p for p in present if p] + missing)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmfs`` console script; returns the exit status."""
+    complete_path()
     args = build_parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level, args.log_format)
     try:

@@ -67,10 +67,13 @@ class MountedTree:
         self.runtime_dir = runtime_dir
         self.pid: int | None = None
 
-    def mount(self, *options: str) -> None:
-        self.mountpoint.mkdir(exist_ok=True)
-        dmfs("mount", str(self.config), str(self.mountpoint), *options)
+    def mount(self, *options: str) -> subprocess.CompletedProcess[str]:
+        """`dmfs mount CONFIG MOUNTPOINT`; returns once mounted, with its output."""
+        with contextlib.suppress(FileExistsError):  # (a dead mount fails even exist_ok)
+            self.mountpoint.mkdir()
+        result = dmfs("mount", str(self.config), str(self.mountpoint), *options)
         self.pid = int((self.runtime_dir / "dmfs.pid").read_text())
+        return result
 
     def is_mounted(self) -> bool:
         return any(e.mountpoint == self.mountpoint and e.fs_type == "fuse.dmfs"
