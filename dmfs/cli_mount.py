@@ -14,6 +14,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import select
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -152,6 +153,20 @@ def run_mount(args: argparse.Namespace) -> int:
         return _serve(config, mountpoint, fuse, on_ready=_notify_ready,
                       on_stopping=lambda: sdnotify.notify("STOPPING=1"))
     return _daemonize(config, mountpoint, fuse)
+
+
+def wait_for_exit(pid: int, timeout: float = 60.0) -> bool:
+    """Wait for a process that is not our child to end (a pidfd: no polling);
+    False if it still runs after ``timeout`` seconds."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(pidfd)
 
 
 def _notify_ready() -> None:

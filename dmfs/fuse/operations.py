@@ -581,6 +581,8 @@ class DmfsOperations(pyfuse3.Operations):
 
 
 def _scalar(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict):

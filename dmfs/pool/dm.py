@@ -100,6 +100,18 @@ class DeviceInfo:
         return (self.major, self.minor)
 
 
+class EventWatch(Protocol):
+    """A file descriptor that becomes readable after device-mapper events."""
+
+    def fileno(self) -> int: ...
+
+    def arm(self) -> None:
+        """Forget the events so far; readable again after the next one."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class DeviceMapper(Protocol):
     """Blocking device-mapper operations; every failure raises :class:`DmError`."""
@@ -158,4 +170,8 @@ class DeviceMapper(Protocol):
 
     def close(self) -> None:
         """Release what the driver holds open; it is unusable afterwards."""
+        ...
+
+    def event_watch(self) -> EventWatch | None:
+        """A pollable watch for pool events, or None (then status is polled)."""
         ...

@@ -25,6 +25,7 @@ from dmfs.pool.dmioctl_abi import (
     DM_BUFFER_FULL_FLAG,
     DM_DATA_OUT_FLAG,
     DM_DEFERRED_REMOVE,
+    DM_DEV_ARM_POLL_CMD,
     DM_DEV_CREATE_CMD,
     DM_DEV_REMOVE_CMD,
     DM_DEV_STATUS_CMD,
@@ -83,6 +84,7 @@ class IoctlDriver:
                  udev_timeout: float = DEFAULT_UDEV_TIMEOUT,
                  ioctl: IoctlFunction = fcntl.ioctl) -> None:
         self._ioctl = ioctl
+        self._control = control
         self._encoding = native_ioc_encoding()
         self._reply_room: dict[int, int] = {}
         self._nodes = nodes if nodes is not None else device_nodes(udev_timeout=udev_timeout)
@@ -317,4 +319,28 @@ class IoctlDriver:
     def device_path(self, name: str) -> str:
         """``/dev/mapper/<name>``."""
         return str(self._nodes.directory / name)
+
+    def event_watch(self) -> PollEventWatch:
+        """A control fd of its own that poll(2) reports readable after any
+        device-mapper event (DM_DEV_ARM_POLL): waiting on it is cancellable,
+        unlike DM_DEV_WAIT."""
+        return PollEventWatch(IoctlDriver(self._control, nodes=self._nodes,
+                                          ioctl=self._ioctl))
+
+
+class PollEventWatch:
+    """See :meth:`IoctlDriver.event_watch`."""
+
+    def __init__(self, driver: IoctlDriver) -> None:
+        self._driver = driver
+
+    def fileno(self) -> int:
+        return self._driver._fd
+
+    def arm(self) -> None:
+        """Readable again only after the next event from now."""
+        self._driver._call(DM_DEV_ARM_POLL_CMD, "arm poll", None)
+
+    def close(self) -> None:
+        self._driver.close()
 

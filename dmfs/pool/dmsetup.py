@@ -143,3 +143,7 @@ class DmsetupDriver:
 
     def close(self) -> None:
         """Nothing to release: every call is its own process."""
+
+    def event_watch(self) -> None:
+        """dmsetup has no pollable events (``dmsetup wait`` blocks a process)."""
+        return None

@@ -110,7 +110,15 @@ class Journal:
                                  "(bad checksum or format); restore it from a backup")
         return record
 
-    def _read_journal(self) -> list[dict[str, Any]]:
+    def read(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """Like :meth:`open`, for a look only: no lock, nothing changed on disk
+        (a torn last record is skipped, not cut off)."""
+        checkpoint = self._read_checkpoint()
+        base_seq = checkpoint["seq"] if checkpoint else 0
+        records = [r for r in self._read_journal(repair=False) if r["seq"] > base_seq]
+        return (checkpoint["state"] if checkpoint else None), records
+
+    def _read_journal(self, repair: bool = True) -> list[dict[str, Any]]:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -120,12 +128,14 @@ class Journal:
         while offset < len(data):
             end = data.find(b"\n", offset)
             if end < 0:
-                self._drop_torn_tail(offset, len(data), "it has no end of line")
+                if repair:
+                    self._drop_torn_tail(offset, len(data), "it has no end of line")
                 break
             record = decode(data[offset:end])
             if record is None or not isinstance(record.get("seq"), int):
                 if end + 1 == len(data):
-                    self._drop_torn_tail(offset, len(data), "its checksum does not match")
+                    if repair:
+                        self._drop_torn_tail(offset, len(data), "its checksum does not match")
                     break
                 raise JournalCorrupt(
                     f"{self.path}: damaged record at byte offset {offset}, followed by "

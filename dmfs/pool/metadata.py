@@ -247,3 +247,13 @@ class Metadata:
         for snapshot in data["snapshots"]:
             meta._store(Snapshot.from_json(snapshot))
         return meta
+
+
+def read_metadata(journal_records: tuple[dict[str, Any] | None, list[dict[str, Any]]]
+                  ) -> Metadata:
+    """The state a checkpoint and the records after it describe."""
+    checkpoint, records = journal_records
+    meta = Metadata.load(checkpoint) if checkpoint is not None else Metadata()
+    for record in records:
+        meta.apply(record)
+    return meta

@@ -46,7 +46,9 @@ from dmfs.pool.metadata import (
     Role,
     Snapshot,
     now,
+    read_metadata,
 )
+from dmfs.pool.poolwatch import PoolWatch, watch_pool
 from dmfs.pool.status import PoolStatus
 from dmfs.pool.thinpool import ThinPool
 from dmfs.pool.udev import DmEvent, DmWatcher
@@ -112,6 +114,7 @@ class Snapshotter:
         self.device_prefix = f"{config.pool_name}-snap-"
         self.watcher = DmWatcher(self.device_prefix, self._device_vanished)
         self.pool = ThinPool(dm, config.pool_name, self.watcher, config.activation_timeout)
+        self.pool_watch = PoolWatch(self.pool)
         self.mount_dir = config.runtime_dir / "snapshots"
         self.foreign_ids: set[int] = set()
         self._lock = trio.Lock()
@@ -132,28 +135,27 @@ class Snapshotter:
         if dm is None:
             dm = open_driver(config.driver, udev_timeout=config.activation_timeout)
         engine = cls(config, dm)
-        async with trio.open_nursery() as nursery:
-            engine._nursery = nursery
-            try:
-                await nursery.start(engine.watcher.run)
-                await engine._start()
-                nursery.start_soon(engine._idle_reaper)
-                yield engine
-            finally:
-                with trio.CancelScope(shield=True):
-                    await engine._stop()
-                nursery.cancel_scope.cancel()
-                if own_driver:
-                    dm.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                engine._nursery = nursery
+                try:
+                    await nursery.start(engine.watcher.run)
+                    await engine._start()
+                    await nursery.start(watch_pool, engine.pool_watch, dm)
+                    nursery.start_soon(engine._idle_reaper)
+                    yield engine
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await engine._stop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if own_driver:  # only once no task can use it any more
+                dm.close()
 
     async def _start(self) -> None:
         from dmfs.pool.reconcile import reconcile
 
-        checkpoint, records = self.journal.open()
-        if checkpoint is not None:
-            self.meta = Metadata.load(checkpoint)
-        for record in records:
-            self.meta.apply(record)
+        self.meta = read_metadata(self.journal.open())
         if self.meta.pool_name is None:
             self._record({"type": "header", "format": Metadata.FORMAT,
                           "pool": self.config.pool_name}, durable=True)
@@ -252,9 +254,9 @@ class Snapshotter:
     async def pool_info(self) -> dict[str, Any]:
         """Pool status for people and scripts (.dmfs/pool, dmfs status)."""
         status = await self.pool.status()
+        self.pool_watch.note(status)
         table = self.pool.table
         block = self.pool.block_size
-        low_water = table.low_water_blocks if table else 0
         kinds = {kind.value: 0 for kind in Kind}
         for snapshot in self.meta.snapshots.values():
             kinds[snapshot.kind.value] += 1
@@ -267,9 +269,8 @@ class Snapshotter:
             "data_total_bytes": status.total_data_blocks * block,
             "metadata_used_blocks": status.used_metadata_blocks,
             "metadata_total_blocks": status.total_metadata_blocks,
-            "low_water_blocks": low_water,
-            "low_water": "reached" if (low_water and status.free_data_blocks <= low_water)
-                         else "ok",
+            "low_water_blocks": table.low_water_blocks if table else 0,
+            **self.pool_watch.summary(),
             "needs_check": status.needs_check,
             "snapshots": kinds,
             "devices": len(self.meta.devices),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dmfs.cli_mount import wait_for_exit
 from dmfs.pool import fs
 
 DAEMON_EXIT_TIMEOUT = 60.0
@@ -43,19 +43,6 @@ def dmfs(*args: str, check: bool = True, env: dict[str, str] | None = None
         raise AssertionError(f"dmfs {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stderr}")
     return result
-
-
-def wait_for_exit(pid: int, timeout: float = DAEMON_EXIT_TIMEOUT) -> bool:
-    """Wait for a process that is not our child to end (pidfd: an event, no polling)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([pidfd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(pidfd)
 
 
 class MountedTree:

@@ -1,0 +1,243 @@
+"""``dmfs status``, ``dmfs tree`` and ``dmfs check``: a pool and its journal, read.
+
+They work whether or not a daemon serves the pool (the journal is read without
+its lock); ``check --repair`` needs the daemon stopped, since it runs the
+start-up reconciliation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dmfs.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    OperationFailed,
+    common_options,
+    emit,
+    json_option,
+)
+from dmfs.config import Config, load_config
+from dmfs.pool.dm import DeviceMapper
+from dmfs.pool.errors import JournalCorrupt, PoolError
+from dmfs.pool.inspect import Inspection, inspect_pool, tree_of
+from dmfs.pool.snapshotter import Snapshotter
+from dmfs.preflight import (
+    EnvironmentProblem,
+    open_device_mapper,
+    require_device_mapper,
+    require_root,
+)
+from dmfs.units import format_size
+
+log = logging.getLogger("dmfs.cli")
+
+
+def add_engine_parsers(commands: argparse._SubParsersAction) -> None:
+    def command(name: str, help_text: str, description: str, example: str
+                ) -> argparse.ArgumentParser:
+        parser = commands.add_parser(
+            name, parents=[common_options()], help=help_text, description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"example:\n  {example}\n\n{EXIT_STATUS_HELP}")
+        parser.add_argument("config", metavar="CONFIG", type=Path, help="the pool's TOML file")
+        return parser
+
+    status = command("status", "pool space, snapshot counts, faulty devices",
+                     "Show the pool's data and metadata use, its low-water state, the\n"
+                     "snapshots by kind, faulty devices, and whether a dmfs daemon serves it.",
+                     "dmfs status /etc/dmfs/pool0.toml --json")
+    json_option(status)
+    status.set_defaults(run=run_status)
+
+    tree = command("tree", "the snapshot lineage",
+                   "Print every snapshot under its parent with its kind, device state and\n"
+                   "usage (bytes provisioned beyond its parent) and exclusive bytes (blocks\n"
+                   "no other device shares). --dot prints a Graphviz graph.",
+                   "dmfs tree /etc/dmfs/pool0.toml --dot | dot -Tsvg > tree.svg")
+    shape = tree.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="nested JSON")
+    shape.add_argument("--dot", action="store_true", help="a Graphviz digraph")
+    tree.set_defaults(run=run_tree)
+
+    check = command("check", "compare the journal with the pool",
+                    "Compare the metadata journal with the pool's real devices, live\n"
+                    "device-mapper devices and mounts, and report what differs. With\n"
+                    "--repair (dmfs must not be running) run the start-up reconciliation:\n"
+                    "finish or roll back interrupted operations, mark lost devices Faulty,\n"
+                    "deactivate strays. Devices in the pool that dmfs did not make are only\n"
+                    "reported. Exit status 1 when problems remain.",
+                    "dmfs check /etc/dmfs/pool0.toml --repair")
+    check.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    json_option(check)
+    check.set_defaults(run=run_check)
+
+
+def _open(args: argparse.Namespace, action: str) -> tuple[Config, DeviceMapper]:
+    config = load_config(args.config)
+    require_root(action)
+    require_device_mapper()
+    return config, open_device_mapper(config.driver, udev_timeout=config.activation_timeout)
+
+
+def _inspect(config: Config, dm: DeviceMapper) -> Inspection:
+    try:
+        return trio.run(inspect_pool, config, dm)
+    except PoolError as error:
+        raise EnvironmentProblem(str(error)) from None
+    except JournalCorrupt as error:
+        raise OperationFailed(str(error)) from None
+
+
+def _percent(used: int, total: int) -> str:
+    return f"{100 * used / total:.0f}%" if total else "-"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    config, dm = _open(args, "dmfs status")
+    try:
+        seen = _inspect(config, dm)
+    finally:
+        dm.close()
+    status, block = seen.status, seen.block_size
+    kinds = {kind: 0 for kind in ("active", "view", "committed")}
+    for snapshot in seen.meta.snapshots.values():
+        kinds[snapshot.kind.value] += 1
+    faulty = [d.id for d in seen.meta.devices.values() if d.state.value == "Faulty"]
+    data = {
+        "pool": config.pool_name, "mode": status.mode, "transaction_id": status.transaction_id,
+        "block_size": block,
+        "data": {"used_blocks": status.used_data_blocks,
+                 "total_blocks": status.total_data_blocks,
+                 "used_bytes": status.used_data_blocks * block,
+                 "total_bytes": status.total_data_blocks * block},
+        "metadata": {"used_blocks": status.used_metadata_blocks,
+                     "total_blocks": status.total_metadata_blocks},
+        "low_water": {"blocks": seen.low_water_blocks,
+                      "state": "reached" if seen.low_water_reached else "ok"},
+        "needs_check": status.needs_check, "snapshots": kinds, "faulty_devices": faulty,
+        "served": seen.served, "problems": [f.message for f in seen.problems],
+    }
+    low_water = (f"low-water mark {seen.low_water_blocks} blocks: "
+                 f"{'REACHED' if seen.low_water_reached else 'ok'}"
+                 if seen.low_water_blocks else "no low-water mark")
+    lines = [
+        f"pool {config.pool_name}: {status.mode}, transaction {status.transaction_id}"
+        + (", NEEDS CHECK" if status.needs_check else ""),
+        f"  data      {format_size(status.used_data_blocks * block)} of "
+        f"{format_size(status.total_data_blocks * block)} used "
+        f"({_percent(status.used_data_blocks, status.total_data_blocks)}); {low_water}",
+        f"  metadata  {status.used_metadata_blocks} of {status.total_metadata_blocks} blocks "
+        f"used ({_percent(status.used_metadata_blocks, status.total_metadata_blocks)})",
+        f"snapshots   {sum(kinds.values())}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
+        f"faulty      {', '.join(f'device {i}' for i in faulty) or 'none'}",
+        f"daemon      {'serving this pool' if seen.served else 'not running'}",
+    ]
+    lines += [f"problem     {f.message}" for f in seen.problems if f.kind != "faulty"]
+    emit(args, data, lines)
+    return EXIT_OK
+
+
+def _usage_text(node: dict[str, Any]) -> str:
+    usage = node["usage"]
+    text = format_size(usage) if usage is not None else "?"
+    if node["exclusive"] is not None:
+        text += f", {format_size(node['exclusive'])} exclusive"
+    return text
+
+
+def tree_lines(nodes: list[dict[str, Any]], prefix: str = "", top: bool = True) -> list[str]:
+    """Box-drawing lines of a tree: roots at the margin, children indented."""
+    lines = []
+    for index, node in enumerate(nodes):
+        last = index == len(nodes) - 1
+        connector = "" if top else ("└── " if last else "├── ")
+        lines.append(f"{prefix}{connector}{node['name']}  ({node['kind']}, {node['state']}, "
+                     f"{_usage_text(node)})")
+        nested = prefix if top else prefix + ("    " if last else "│   ")
+        lines += tree_lines(node["children"], nested, top=False)
+    return lines
+
+
+def _dot_quote(*lines: str) -> str:
+    """A Graphviz string whose lines are ``lines``."""
+    escaped = (line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
+    return '"' + "\\n".join(escaped) + '"'
+
+
+def tree_dot(nodes: list[dict[str, Any]], pool: str) -> str:
+    styles = {"active": "solid", "committed": "bold", "view": "dashed"}
+    lines = [f"digraph {_dot_quote(pool)} {{", "  node [shape=box];"]
+
+    def walk(node: dict[str, Any]) -> None:
+        name = _dot_quote(node["name"])
+        label = _dot_quote(node["name"], f"{node['kind']}, {_usage_text(node)}")
+        lines.append(f"  {name} [label={label}, style={styles.get(node['kind'], 'solid')}];")
+        for child in node["children"]:
+            lines.append(f"  {name} -> {_dot_quote(child['name'])};")
+            walk(child)
+
+    for node in nodes:
+        walk(node)
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def run_tree(args: argparse.Namespace) -> int:
+    config, dm = _open(args, "dmfs tree")
+    try:
+        seen = _inspect(config, dm)
+    finally:
+        dm.close()
+    nodes = tree_of(seen)
+    if args.json:
+        print(json.dumps({"pool": config.pool_name, "snapshots": nodes}, indent=2))
+    elif args.dot:
+        print(tree_dot(nodes, config.pool_name))
+    else:
+        print("\n".join(tree_lines(nodes)) or f"pool {config.pool_name} has no snapshots")
+    return EXIT_OK
+
+
+async def _repair(config: Config, dm: DeviceMapper) -> None:
+    async with Snapshotter.open(config, dm):
+        pass  # opening reconciles; closing unmounts and deactivates again
+
+
+def run_check(args: argparse.Namespace) -> int:
+    config, dm = _open(args, "dmfs check")
+    try:
+        seen = _inspect(config, dm)
+        before = seen.problems
+        if args.repair and before:
+            if seen.served:
+                raise OperationFailed("a dmfs daemon serves this pool: unmount it first, its "
+                                      "next start repairs the same way")
+            try:
+                trio.run(_repair, config, dm)
+            except PoolError as error:
+                raise EnvironmentProblem(str(error)) from None
+            seen = _inspect(config, dm)
+    finally:
+        dm.close()
+    remaining = seen.problems
+    data = {"pool": config.pool_name, "repaired": [f.message for f in before]
+            if args.repair else [], "findings": [f.as_dict() for f in seen.findings],
+            "ok": not remaining}
+    lines = []
+    if args.repair and before:
+        lines += [f"repaired  {f.message}" for f in before if f not in remaining]
+    lines += [f"{'problem ' if f.problem else 'note    '}  {f.message}" for f in seen.findings]
+    if not remaining:
+        lines.append(f"pool {config.pool_name}: journal and pool agree")
+    elif not args.repair:
+        lines.append("run `dmfs check --repair` (with dmfs stopped) to fix what can be fixed")
+    emit(args, data, lines)
+    return EXIT_OK if not remaining else EXIT_FAILED
