@@ -96,16 +96,21 @@ def _inspect(config: Config, dm: DeviceMapper) -> Inspection:
         raise OperationFailed(str(error)) from None
 
 
+def _look(args: argparse.Namespace, action: str) -> tuple[Config, Inspection]:
+    """Load the config and inspect its pool (for commands that only read)."""
+    config, dm = _open(args, action)
+    try:
+        return config, _inspect(config, dm)
+    finally:
+        dm.close()
+
+
 def _percent(used: int, total: int) -> str:
     return f"{100 * used / total:.0f}%" if total else "-"
 
 
 def run_status(args: argparse.Namespace) -> int:
-    config, dm = _open(args, "dmfs status")
-    try:
-        seen = _inspect(config, dm)
-    finally:
-        dm.close()
+    config, seen = _look(args, "dmfs status")
     status, block = seen.status, seen.block_size
     kinds = {kind: 0 for kind in ("active", "view", "committed")}
     for snapshot in seen.meta.snapshots.values():
@@ -191,11 +196,7 @@ def tree_dot(nodes: list[dict[str, Any]], pool: str) -> str:
 
 
 def run_tree(args: argparse.Namespace) -> int:
-    config, dm = _open(args, "dmfs tree")
-    try:
-        seen = _inspect(config, dm)
-    finally:
-        dm.close()
+    config, seen = _look(args, "dmfs tree")
     nodes = tree_of(seen)
     if args.json:
         print(json.dumps({"pool": config.pool_name, "snapshots": nodes}, indent=2))
