@@ -2,13 +2,15 @@
 
 Run in the test guest (it needs dm-thin), e.g.::
 
-    contrib/guest/run -- .venv/bin/python bench/engine_ops.py --driver dmsetup
+    contrib/guest/run -- .venv/bin/python bench/engine_ops.py
 
 On a fresh loop-backed pool it measures, with 10 and with 1,000 existing
 snapshots, p50 and p95 of the engine's prepare (parentless and child), commit
 and remove, and beside them the floor: the same device-mapper operations and
 mount(2) calls issued directly through the same driver in a minimal loop
-(no journal, no checks, no events).  Prints a table and the ratios.
+(no journal, no checks, no events).  Each driver gets a pool of its own in
+the same run; with both, a summary compares the ioctl engine with the raw
+ioctl floor and the dmsetup engine with the ioctl engine.
 """
 
 from __future__ import annotations
@@ -48,13 +50,9 @@ class Timings:
     def add(self, op: str, kind: str, existing: int, who: str, seconds: float) -> None:
         self.samples.setdefault((op, kind, existing, who), []).append(seconds * 1000)
 
-    def row(self, op: str, kind: str, existing: int) -> str:
-        engine = self.samples[(op, kind, existing, "engine")]
-        floor = self.samples[(op, kind, existing, "floor")]
-        e50, e95 = statistics.median(engine), percentile(engine, 0.95)
-        f50, f95 = statistics.median(floor), percentile(floor, 0.95)
-        return (f"{op:8} {kind:11} {existing:>6} {e50:9.2f} {e95:9.2f} {f50:9.2f} {f95:9.2f} "
-                f"{e50 / f50:7.2f}x")
+    def p50_p95(self, op: str, kind: str, existing: int, who: str) -> tuple[float, float]:
+        samples = self.samples[(op, kind, existing, who)]
+        return statistics.median(samples), percentile(samples, 0.95)
 
 
 async def timed(call: Callable[[], Awaitable[object]]) -> float:
@@ -75,7 +73,7 @@ class Floor:
     def _run(self, function: Callable[[], object]) -> Awaitable[object]:
         return trio.to_thread.run_sync(function)
 
-    async def cycle(self, timings: Timings, kind: str, existing: int) -> None:
+    async def cycle(self, timings: Timings, kind: str, existing: int, who: str) -> None:
         origin = self.base_id if kind == "parentless" else self.parent_id
         device_id, self.next_id = self.next_id, self.next_id + 1
         name = f"floor-{device_id}"
@@ -99,30 +97,30 @@ class Floor:
             self.dm.message(self.pool, f"delete {device_id}")
 
         for op, function in (("prepare", prepare), ("commit", commit), ("remove", remove)):
-            timings.add(op, kind, existing, "floor", await timed(lambda f=function: self._run(f)))
+            timings.add(op, kind, existing, who, await timed(lambda f=function: self._run(f)))
         path.rmdir()
 
 
 async def engine_cycle(engine: Snapshotter, timings: Timings, kind: str, existing: int,
-                       n: int) -> None:
+                       n: int, who: str) -> None:
     key = f"bench-{kind}-{existing}-{n}"
     parent = None if kind == "parentless" else "parent"
-    timings.add("prepare", kind, existing, "engine",
+    timings.add("prepare", kind, existing, who,
                 await timed(lambda: engine.prepare(key, parent)))
-    timings.add("commit", kind, existing, "engine",
+    timings.add("commit", kind, existing, who,
                 await timed(lambda: engine.commit(key + "-c", key)))
-    timings.add("remove", kind, existing, "engine",
+    timings.add("remove", kind, existing, who,
                 await timed(lambda: engine.remove(key + "-c")))
 
 
-async def main(args: argparse.Namespace) -> None:
-    timings = Timings()
+async def measure(driver: str, args: argparse.Namespace, timings: Timings) -> None:
+    """Engine and floor through one driver, on a pool of their own."""
     work = Path(tempfile.mkdtemp(prefix="dmfs-bench-", dir="/dev/shm"))
     with loop_pool(work, data_mib=4096, metadata_mib=64) as pool:
         config = Config(pool_name=pool.name, base_image_size=BASE_SIZE,
                         root_path=work / "state", runtime_path=work / "run",
-                        driver=args.driver, idle_timeout=3600)
-        dm = open_driver(args.driver)
+                        driver=driver, idle_timeout=3600)
+        dm = open_driver(driver)
         floor_dir = work / "floor"
         floor_dir.mkdir()
         async with Snapshotter.open(config, dm) as engine:
@@ -138,22 +136,49 @@ async def main(args: argparse.Namespace) -> None:
                 for n in range(args.iterations):
                     for kind in ("parentless", "child"):
                         # Interleave engine and floor so drift hits both alike.
-                        await floor.cycle(timings, kind, existing)
-                        await engine_cycle(engine, timings, kind, existing, n)
+                        await floor.cycle(timings, kind, existing, f"floor-{driver}")
+                        await engine_cycle(engine, timings, kind, existing, n,
+                                           f"engine-{driver}")
             for made_key in range(made):
                 await engine.remove(f"existing-{made_key}")
-    print(f"driver: {args.driver}; {args.iterations} iterations per row; times in ms")
-    print(f"{'op':8} {'kind':11} {'exist':>6} {'eng p50':>9} {'eng p95':>9} "
-          f"{'floor p50':>9} {'floor p95':>9} {'ratio':>8}")
-    for existing in args.existing:
-        for kind in ("parentless", "child"):
-            for op in ("prepare", "commit", "remove"):
-                print(timings.row(op, kind, existing))
+        dm.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    timings = Timings()
+    for driver in args.drivers:
+        await measure(driver, args, timings)
+    print(f"{args.iterations} iterations per row; p50/p95 in ms")
+    for driver in args.drivers:
+        print(f"\nengine with the {driver} driver against the same operations issued "
+              f"directly through {driver} (the floor)")
+        print(f"{'op':8} {'kind':11} {'exist':>6} {'eng p50':>9} {'eng p95':>9} "
+              f"{'floor p50':>9} {'floor p95':>9} {'ratio':>7}")
+        for existing in args.existing:
+            for kind in ("parentless", "child"):
+                for op in ("prepare", "commit", "remove"):
+                    e50, e95 = timings.p50_p95(op, kind, existing, f"engine-{driver}")
+                    f50, f95 = timings.p50_p95(op, kind, existing, f"floor-{driver}")
+                    print(f"{op:8} {kind:11} {existing:>6} {e50:9.2f} {e95:9.2f} "
+                          f"{f50:9.2f} {f95:9.2f} {e50 / f50:6.2f}x")
+    if set(args.drivers) == {"ioctl", "dmsetup"}:
+        print("\nsummary: engine(ioctl) / raw ioctl floor, and engine(dmsetup) / engine(ioctl)")
+        print(f"{'op':8} {'kind':11} {'exist':>6} {'ioctl/floor':>12} {'dmsetup/ioctl':>14}")
+        for existing in args.existing:
+            for kind in ("parentless", "child"):
+                for op in ("prepare", "commit", "remove"):
+                    ioctl = timings.p50_p95(op, kind, existing, "engine-ioctl")[0]
+                    floor = timings.p50_p95(op, kind, existing, "floor-ioctl")[0]
+                    dmsetup = timings.p50_p95(op, kind, existing, "engine-dmsetup")[0]
+                    print(f"{op:8} {kind:11} {existing:>6} {ioctl / floor:11.2f}x "
+                          f"{dmsetup / ioctl:13.1f}x")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--driver", default="dmsetup", choices=("dmsetup", "ioctl"))
+    parser.add_argument("--drivers", type=lambda text: text.split(","),
+                        default=["ioctl", "dmsetup"],
+                        help="comma-separated drivers to measure (default ioctl,dmsetup)")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--existing", type=lambda s: [int(x) for x in s.split(",")],
                         default=[10, 1000], help="existing snapshot counts (default 10,1000)")

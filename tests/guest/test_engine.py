@@ -21,6 +21,7 @@ from dmfs.pool.errors import (
     HasChildren,
     InUse,
     InvalidArgument,
+    NoSpace,
     NotFound,
 )
 from dmfs.pool.metadata import DeviceState, Kind
@@ -380,3 +381,17 @@ async def test_async_remove_finishes_in_background(engine_config: Config) -> Non
             await engine.stat("a")
         await engine.wait_removals()
         assert info.device_id not in engine.meta.devices
+
+
+async def test_no_free_device_id_is_no_space(engine: Snapshotter,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmfs.pool import metadata
+
+    in_use = len(engine.meta.devices)  # the base device
+    monkeypatch.setattr(metadata, "MAX_DEVICE_ID", in_use + 2)
+    await engine.prepare("one")
+    await engine.prepare("two")
+    with pytest.raises(NoSpace, match="no free thin device id"):
+        await engine.prepare("three")
+    await engine.remove("one")
+    await engine.prepare("three")  # a freed id is used again

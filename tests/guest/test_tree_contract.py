@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tree import MountedTree, as_user, errno_of, renameat2
+from tests.guest.test_pool_events import write_direct
+from tests.support.loop_pool import loop_pool
+from tests.support.tree import MountedTree, as_user, errno_of, renameat2, write_config
 
 NOBODY = 65534
 
@@ -300,3 +302,18 @@ def test_control_files(tree: MountedTree) -> None:
     assert sorted(os.listdir(tree.path(".dmfs", "by-name"))) == ["base", "work"]
     assert errno_of(lambda: tree.path(".dmfs", "pool").write_text("x")) == errno.EACCES
     assert os.statvfs(tree.mountpoint).f_blocks == int(pool["data_total_blocks"])
+
+
+def test_mkdir_when_the_pool_is_full_is_enospc(scratch_dir: Path) -> None:
+    with loop_pool(scratch_dir, data_mib=40) as pool:
+        tree = MountedTree(write_config(scratch_dir, pool.name), scratch_dir / "mnt",
+                           scratch_dir / "run")
+        try:
+            tree.mount()
+            tree.path("hog").mkdir()
+            assert write_direct(tree.path("hog", "fs", "big"), 100) == errno.ENOSPC
+            refused(tree, errno.ENOSPC, lambda: tree.path("more").mkdir(), "mkdir, pool full")
+            tree.path("hog").rmdir()
+            tree.path("more").mkdir()  # space again
+        finally:
+            tree.cleanup()
