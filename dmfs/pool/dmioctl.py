@@ -108,6 +108,10 @@ class IoctlDriver:
 
     # -- plumbing ---------------------------------------------------------
 
+    def fileno(self) -> int:
+        """The open /dev/mapper/control."""
+        return self._fd
+
     def close(self) -> None:
         """Close the control device; the driver is unusable afterwards."""
         if getattr(self, "_fd", -1) >= 0:
@@ -335,7 +339,7 @@ class PollEventWatch:
         self._driver = driver
 
     def fileno(self) -> int:
-        return self._driver._fd
+        return self._driver.fileno()
 
     def arm(self) -> None:
         """Readable again only after the next event from now."""

@@ -173,6 +173,10 @@ class Journal:
             self._dirty = False
 
     @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    @property
     def wants_compaction(self) -> bool:
         return self.records_since_checkpoint >= self.compact_after
 

@@ -184,7 +184,7 @@ class Snapshotter:
                     if device is not None and device.state in LIVE_STATES:
                         with contextlib.suppress(SnapshotError):
                             await self._deactivate(device)
-                if self.meta.pool_name is not None and self.journal._fd is not None:
+                if self.meta.pool_name is not None and self.journal.is_open:
                     self.journal.compact(self.meta.dump())
         finally:
             self.journal.close()
