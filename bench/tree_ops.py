@@ -187,7 +187,8 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     data_mib = max(1024, 2 * args.size_mib + 512)
     with loop_pool(work, data_mib=data_mib, metadata_mib=128) as pool:
-        config = write_config(work, pool.name, base_image_size=f"{args.size_mib + 1024}MiB")
+        config = write_config(work, pool.name, base_image_size=f"{args.size_mib + 1024}MiB",
+                              driver=args.driver)
         tree = MountedTree(config, work / "mnt", work / "run")
         direct = work / "direct"
         direct.mkdir()
@@ -222,6 +223,7 @@ def main(args: argparse.Namespace) -> None:
             tree.unmount()
         finally:
             tree.cleanup()
+    print(f"driver: {args.driver}")
     print("\n".join(rows))
 
 
@@ -231,6 +233,7 @@ if __name__ == "__main__":
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--children", type=int, default=10_000)
+    parser.add_argument("--driver", default="ioctl", choices=("ioctl", "dmsetup"))
     parser.add_argument("--repeat", type=int, default=3,
                         help="alternating native/dmfs runs of the data path (median)")
     main(parser.parse_args())

@@ -89,7 +89,7 @@ def _open(args: argparse.Namespace, action: str) -> tuple[Config, DeviceMapper]:
 
 def _inspect(config: Config, dm: DeviceMapper) -> Inspection:
     try:
-        return trio.run(inspect_pool, config, dm)
+        return inspect_pool(config, dm)
     except PoolError as error:
         raise EnvironmentProblem(str(error)) from None
     except JournalCorrupt as error:

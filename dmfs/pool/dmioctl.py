@@ -13,8 +13,8 @@ the control file descriptor carries no state between ioctls.
 
 from __future__ import annotations
 
+import ctypes
 import errno as errno_codes
-import fcntl
 import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -69,6 +69,26 @@ Decoded = TypeVar("Decoded")
 #: ``fcntl.ioctl``'s shape: (fd, request, mutable buffer) -> result
 IoctlFunction = Callable[[int, int, bytearray], object]
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def ioctl_without_gil(fd: int, request: int, buffer: bytearray) -> int:
+    """ioctl(2) on a buffer the kernel reads and writes in place.
+
+    Not fcntl.ioctl: for buffers over 1024 bytes CPython (3.11) calls ioctl
+    *holding the GIL*, so one that blocks (a status waiting for a pool's
+    metadata commit while its data device is suspended, DM_DEV_WAIT) would
+    freeze every thread of the daemon.  ctypes releases the GIL around the call.
+    """
+    address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    result = _libc.ioctl(fd, request, address)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # EINTR comes out as InterruptedError
+    return result
+
 
 class IoctlDriver:
     """Device-mapper through its ioctls on ``/dev/mapper/control``.
@@ -82,7 +102,7 @@ class IoctlDriver:
 
     def __init__(self, control: str = CONTROL_PATH, *, nodes: DeviceNodes | None = None,
                  udev_timeout: float = DEFAULT_UDEV_TIMEOUT,
-                 ioctl: IoctlFunction = fcntl.ioctl) -> None:
+                 ioctl: IoctlFunction = ioctl_without_gil) -> None:
         self._ioctl = ioctl
         self._control = control
         self._encoding = native_ioc_encoding()

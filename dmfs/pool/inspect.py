@@ -89,16 +89,17 @@ def journal_in_use(state_dir: Path) -> bool:
     return False
 
 
-async def inspect_pool(config: Config, dm: DeviceMapper) -> Inspection:
-    """Read journal and pool; raises JournalCorrupt / PoolError as the engine would."""
+def inspect_pool(config: Config, dm: DeviceMapper) -> Inspection:
+    """Read journal and pool (blocking); raises JournalCorrupt / PoolError as the
+    engine would."""
     meta = read_metadata(Journal(config.state_dir).read())
     pool = ThinPool(dm, config.pool_name)
-    status = await pool.attach()
+    status = pool.attach()
     assert pool.table is not None
     inspection = Inspection(
         config=config, meta=meta, status=status, block_size=pool.block_size,
-        low_water_blocks=pool.table.low_water_blocks, usage=await pool.thin_usage(),
-        live=await pool.live_devices(), served=journal_in_use(config.state_dir))
+        low_water_blocks=pool.table.low_water_blocks, usage=pool.thin_usage(),
+        live=pool.live_devices(), served=journal_in_use(config.state_dir))
     inspection.findings = _findings(inspection)
     return inspection
 

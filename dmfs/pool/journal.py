@@ -22,7 +22,9 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,9 @@ class Journal:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._dirty = False
+        # The engine writes from the trio thread and from the worker thread
+        # running a device-mapper sequence: one writer at a time.
+        self._write_lock = threading.Lock()
 
     # -- opening -----------------------------------------------------------------
     def open(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -152,22 +157,34 @@ class Journal:
             os.fsync(f.fileno())
 
     # -- writing -----------------------------------------------------------------
-    def append(self, record: dict[str, Any], *, durable: bool) -> int:
-        """Append a record; with ``durable`` it is on disk when this returns."""
-        if self._fd is None:
-            raise RuntimeError("journal is not open")
-        self.seq += 1
-        data = encode({**record, "seq": self.seq})
-        written = os.write(self._fd, data)
-        if written != len(data):  # a short write on a full disk: do not leave half a line
-            raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes)")
-        self.records_since_checkpoint += 1
-        self._dirty = True
-        if durable:
-            self.sync()
-        return self.seq
+    def append(self, record: dict[str, Any], *, durable: bool,
+               then: Callable[[dict[str, Any]], None] | None = None) -> int:
+        """Append a record; with ``durable`` it is on disk when this returns.
+
+        ``then`` (applying the record to the in-memory state) runs under the
+        same lock, so a checkpoint never sees a record written but not applied.
+        """
+        with self._write_lock:
+            if self._fd is None:
+                raise RuntimeError("journal is not open")
+            self.seq += 1
+            data = encode({**record, "seq": self.seq})
+            written = os.write(self._fd, data)
+            if written != len(data):  # a short write on a full disk: no half a line
+                raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes)")
+            self.records_since_checkpoint += 1
+            self._dirty = True
+            if durable:
+                self._sync()
+            if then is not None:
+                then(record)
+            return self.seq
 
     def sync(self) -> None:
+        with self._write_lock:
+            self._sync()
+
+    def _sync(self) -> None:
         if self._fd is not None and self._dirty:
             os.fsync(self._fd)
             self._dirty = False
@@ -180,9 +197,14 @@ class Journal:
     def wants_compaction(self) -> bool:
         return self.records_since_checkpoint >= self.compact_after
 
-    def compact(self, state: dict[str, Any]) -> None:
-        """Write ``state`` as the checkpoint and start an empty journal."""
-        self.sync()
+    def compact(self, state: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """Write the state as the checkpoint and start an empty journal (a
+        callable is evaluated under the write lock, consistent with the seq)."""
+        with self._write_lock:
+            self._compact(state() if callable(state) else state)
+
+    def _compact(self, state: dict[str, Any]) -> None:
+        self._sync()
         tmp = self.checkpoint_path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(encode({"seq": self.seq, "state": state}))

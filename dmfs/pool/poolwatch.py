@@ -95,7 +95,7 @@ async def watch_pool(watch: PoolWatch, dm: DeviceMapper, *,
         while True:
             if events is not None:
                 events.arm()  # before reading the status, so no event slips between
-            watch.note(await watch.pool.status())
+            watch.note(await trio.to_thread.run_sync(watch.pool.status))
             if not started:
                 task_status.started()
                 started = True

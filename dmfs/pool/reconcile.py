@@ -34,6 +34,8 @@ from dmfs.pool.dm import DmError
 from dmfs.pool.errors import InUse, SnapshotError
 from dmfs.pool.metadata import LIVE_STATES, Device, DeviceState, Kind, Snapshot
 
+run = trio.to_thread.run_sync
+
 if TYPE_CHECKING:
     from dmfs.pool.snapshotter import Snapshotter
 
@@ -52,8 +54,8 @@ class _World:
 
 
 async def _observe(engine: Snapshotter) -> _World:
-    pool_ids = set(await engine.pool.thin_usage())
-    live = await engine.pool.live_devices()
+    pool_ids = set(await run(engine.pool.thin_usage))
+    live = await run(engine.pool.live_devices)
     mounts: dict[int, fs.MountEntry] = {}
     stray: list[fs.MountEntry] = []
     for path, entry in fs.mounts_under(engine.mount_dir).items():
@@ -112,10 +114,10 @@ async def _delete(engine: Snapshotter, device: Device, world: _World) -> None:
         except OSError as error:
             raise InUse(f"{entry.mountpoint} is in use: {error}") from None
     if device.name in world.live:
-        await engine.pool.deactivate(device.name)
+        await run(engine.pool.deactivate, device.name)
         del world.live[device.name]
     if device.id in world.pool_ids:
-        await engine.pool.delete(device.id)
+        await run(engine.pool.delete, device.id)
         world.pool_ids.discard(device.id)
     engine._record({"type": "device-deleted", "id": device.id})
 
@@ -129,7 +131,7 @@ async def _mark_missing(engine: Snapshotter, device: Device, snapshot: Snapshot 
             await trio.to_thread.run_sync(lambda: fs.umount(entry.mountpoint, lazy=True))
     if device.name in world.live:
         with contextlib.suppress(DmError):
-            await engine.pool.deactivate(device.name)
+            await run(engine.pool.deactivate, device.name)
         del world.live[device.name]
     if device.state is DeviceState.FAULTY:
         return
@@ -143,7 +145,7 @@ async def _mark_missing(engine: Snapshotter, device: Device, snapshot: Snapshot 
 async def _settle_base(engine: Snapshotter, device: Device, world: _World) -> None:
     """The base device is never live between operations."""
     if device.name in world.live:
-        await engine.pool.deactivate(device.name)
+        await run(engine.pool.deactivate, device.name)
         del world.live[device.name]
     if device.state is not DeviceState.DEACTIVATED:
         engine._set_state(device, DeviceState.DEACTIVATED)
@@ -160,10 +162,10 @@ async def _settle(engine: Snapshotter, device: Device, snapshot: Snapshot,
         log.info("snapshot %r: rolling back an unfinished %s", snapshot.key, snapshot.pending)
         snapshot = engine._put_snapshot(replace(snapshot, pending=None))
     live_devnum = world.live.get(device.name)
-    info = await engine.pool.info(device.name) if live_devnum else None
+    info = await run(engine.pool.info, device.name) if live_devnum else None
     if info is not None and info.suspended:
         log.warning("device %s was left suspended: resuming it", device.name)
-        await engine.pool.resume(device.name)
+        await run(engine.pool.resume, device.name)
     entry = world.mounts.pop(device.id, None)
     if entry is not None and entry.devnum != live_devnum:
         log.warning("stale mount %s (device gone): unmounting it lazily", entry.mountpoint)
@@ -171,7 +173,7 @@ async def _settle(engine: Snapshotter, device: Device, snapshot: Snapshot,
         entry = None
     want_read_write = snapshot.kind is Kind.ACTIVE
     if info is not None and want_read_write and info.read_only and entry is None:
-        await engine.pool.deactivate(device.name)  # live read-only: make it writable
+        await run(engine.pool.deactivate, device.name)  # live read-only: make it writable
         info = None
     if want_read_write:
         if info is None:
@@ -216,6 +218,6 @@ async def _clean_strays(engine: Snapshotter, world: _World) -> None:
         if (name.startswith(engine.device_prefix) or name == base_name) and name not in known:
             log.warning("deactivating device %s: the journal does not know it", name)
             try:
-                await engine.pool.deactivate(name)
+                await run(engine.pool.deactivate, name)
             except DmError as error:
                 log.error("cannot deactivate %s: %s", name, error)

@@ -100,22 +100,13 @@ class DmEventMonitor:
                 yield event
 
 
-class _Expectation:
-    """A pending wait for one device's event; see :meth:`DmWatcher.expect`."""
-
-    def __init__(self, name: str, actions: frozenset[str]) -> None:
-        self.name = name
-        self.actions = actions
-        self.event = trio.Event()
-
-
 class DmWatcher:
-    """Runs a :class:`DmEventMonitor` in the trio loop and routes its events.
+    """Runs a :class:`DmEventMonitor` in the trio loop and watches for removals.
 
-    Code that activates a device calls :meth:`expect` *before* the dm operation
-    and awaits the result after, so the event cannot be missed.  A ``remove``
-    of a watched device that nobody announced with :meth:`expect_removal`
-    goes to ``on_unexpected_remove`` (the engine marks the snapshot Faulty).
+    A ``remove`` of a watched device that nobody announced with
+    :meth:`expect_removal` goes to ``on_unexpected_remove`` (the engine marks
+    the snapshot Faulty).  Readiness after activation is the drivers' job:
+    they wait for udev's event themselves when udevd runs.
     """
 
     def __init__(self, watched_prefix: str,
@@ -124,7 +115,6 @@ class DmWatcher:
         self.on_unexpected_remove = on_unexpected_remove
         self.running = False
         self.source: str | None = None
-        self._expectations: list[_Expectation] = []
         self._expected_removals: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,37 +131,12 @@ class DmWatcher:
     def _dispatch(self, event: DmEvent) -> None:
         if event.name is None:
             return
-        for expectation in list(self._expectations):
-            if expectation.name == event.name and event.action in expectation.actions:
-                expectation.event.set()
-                self._expectations.remove(expectation)
         if event.action == "remove" and event.name.startswith(self.watched_prefix):
             if event.name in self._expected_removals:
                 self._expected_removals.discard(event.name)
             elif self.on_unexpected_remove is not None:
                 self.on_unexpected_remove(event)
 
-    def expect(self, name: str, *actions: str) -> _Expectation:
-        """Start waiting for ``name``'s next event among ``actions``."""
-        expectation = _Expectation(name, frozenset(actions))
-        self._expectations.append(expectation)
-        return expectation
-
-    def cancel(self, expectation: _Expectation) -> None:
-        with contextlib.suppress(ValueError):
-            self._expectations.remove(expectation)
-
     def expect_removal(self, name: str) -> None:
-        """Announce that dmfs itself is removing ``name``."""
+        """Announce that dmfs itself is removing ``name`` (any thread may call it)."""
         self._expected_removals.add(name)
-
-    async def wait(self, expectation: _Expectation, timeout: float) -> bool:
-        """Wait for an expected event; False after ``timeout`` seconds."""
-        if not self.running:
-            self.cancel(expectation)
-            return True  # no watcher (e.g. a one-shot CLI): the driver's own sync suffices
-        with trio.move_on_after(timeout):
-            await expectation.event.wait()
-            return True
-        self.cancel(expectation)
-        return False

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from dmfs.config import Config
 from dmfs.pool import fs
@@ -39,8 +40,8 @@ def run_op_until_failpoint(config: Config, failpoint: str, *op: str) -> None:
 
 async def observe(engine: Snapshotter) -> dict:
     """Everything a restart could change, in comparable form."""
-    pool_ids = set(await engine.pool.thin_usage())
-    live = {name for name in await engine.pool.live_devices()
+    pool_ids = set(await trio.to_thread.run_sync(engine.pool.thin_usage))
+    live = {name for name in await trio.to_thread.run_sync(engine.pool.live_devices)
             if name.startswith(engine.config.pool_name + "-")}
     mounts = {entry.mountpoint.name for entry in fs.mounts_under(engine.mount_dir).values()}
     return {"meta": engine.meta.dump(), "pool_ids": pool_ids, "live": live, "mounts": mounts}

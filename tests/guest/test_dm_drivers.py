@@ -428,3 +428,49 @@ def test_a_pool_with_1000_thin_devices_is_listed(thin_pool: LoopPool,
     if UDEV_TIER:
         run("udevadm", "settle")  # leave no backlog of events to later tests
 
+
+
+def test_a_blocking_ioctl_with_a_large_buffer_leaves_other_threads_running(
+        thin_pool: LoopPool) -> None:
+    """fcntl.ioctl holds the GIL for buffers over 1024 bytes; the driver's
+    ioctl must not, or one blocked call (DM_DEV_WAIT here, a pool status
+    during a stalled commit in real life) freezes the whole daemon."""
+    import signal
+
+    from dmfs.pool.dmioctl import ioctl_without_gil
+    from dmfs.pool.dmioctl_abi import (
+        DM_DEV_WAIT_CMD,
+        dm_request,
+        encode_device_name,
+        encode_request,
+        native_ioc_encoding,
+    )
+
+    with IoctlDriver() as driver:
+        event_nr = driver.info(thin_pool.name).event_nr
+        buffer = encode_request(name=encode_device_name(thin_pool.name), event_nr=event_nr,
+                                buffer_size=16384)
+        request = dm_request(DM_DEV_WAIT_CMD, native_ioc_encoding())
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                ioctl_without_gil(driver.fileno(), request, buffer)
+            except OSError as error:
+                outcome.append(error)
+
+        previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+        try:
+            waiter = threading.Thread(target=wait, daemon=True)
+            waiter.start()
+            progress, deadline = 0, time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                progress += 1  # cannot run while the waiter holds the GIL
+            assert waiter.is_alive() and progress > 1000
+            assert waiter.ident is not None
+            signal.pthread_kill(waiter.ident, signal.SIGUSR1)  # EINTR ends the wait
+            waiter.join(timeout=30)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert not waiter.is_alive()
+        assert isinstance(outcome[0], InterruptedError)

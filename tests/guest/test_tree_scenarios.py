@@ -146,6 +146,9 @@ def test_lookups_and_listings_go_on_while_an_activation_is_stuck(scratch_dir: Pa
         try:
             tree.mount()
             browse_while_stuck(tree, pool)
+        except BaseException:
+            print("daemon log:\n" + tree.log())
+            raise
         finally:
             tree.cleanup()
 
