@@ -141,7 +141,14 @@ class Metadata:
         return self.snapshots[key] if key is not None else None
 
     def _store(self, snapshot: Snapshot) -> None:
-        if snapshot.key in self.snapshots:
+        old = self.snapshots.get(snapshot.key)
+        if old is not None and (old.parent, old.device_id) == (snapshot.parent,
+                                                               snapshot.device_id):
+            # Same place in the tree: one assignment, so a reader in another
+            # thread never sees the key missing in between.
+            self.snapshots[snapshot.key] = snapshot
+            return
+        if old is not None:
             self._drop(snapshot.key)
         self.snapshots[snapshot.key] = snapshot
         self._children.setdefault(snapshot.parent, set()).add(snapshot.key)

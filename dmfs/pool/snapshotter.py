@@ -614,15 +614,14 @@ class Snapshotter:
             if device.state is DeviceState.FAULTY:
                 raise FailedPrecondition(f"snapshot {key!r} is faulty: {device.error}")
             async with self._device_locks[device.id]:
-                await self._unmount(device.id)  # InUse: nothing changed yet
-                failpoint("commit:after-unmount")
+                intent = replace(snapshot, pending="commit")
                 try:
-                    snapshot = self._put_snapshot(replace(snapshot, pending="commit"))
-                    failpoint("commit:after-intent")
-                    usage = await run(self._retire_blocking, device)
+                    usage = await run(self._commit_blocking, device, intent)
                 except BaseException:
+                    # Files in use at unmount: nothing changed.  Later: put it back.
                     with trio.CancelScope(shield=True):
-                        await self._undo_commit(snapshot)
+                        if self.meta.snapshots[key].pending:
+                            await self._undo_commit(intent)
                     raise
                 self._record({"type": "commit", "key": key, "name": name, "usage": usage,
                               "updated": now(),
@@ -632,8 +631,13 @@ class Snapshotter:
             self._maybe_compact()
             return self._info(self.meta.snapshots[name])
 
-    def _retire_blocking(self, device: Device) -> int:
-        """Flush, freeze and deactivate a committed device; its usage in bytes."""
+    def _commit_blocking(self, device: Device, intent: Snapshot) -> int:
+        """Unmount (InUse: nothing changed), journal the intent, then flush, freeze
+        and deactivate the device; its usage in bytes."""
+        self._unmount_blocking(device.id)
+        failpoint("commit:after-unmount")
+        self._put_snapshot(intent)
+        failpoint("commit:after-intent")
         usage = 0
         if device.state in LIVE_STATES:
             device = self._flush_blocking(device)
