@@ -38,7 +38,7 @@ LOCK_NAME = "lock"
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    payload = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
     data = payload.encode()
     return b"%08x %s\n" % (zlib.crc32(data), data)
 
