@@ -26,6 +26,8 @@ from dmfs.pool.metadata import Kind
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.engine_op import config_to_json
 
+pytestmark = pytest.mark.udev_default_driver_only
+
 ENGINE_OP = Path(__file__).resolve().parents[1] / "support" / "engine_op.py"
 
 

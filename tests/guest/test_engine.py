@@ -211,6 +211,7 @@ async def test_prepare_on_active_parent_refused(engine: Snapshotter) -> None:
         await engine.prepare("")
 
 
+@pytest.mark.udev_default_driver_only
 async def test_128_layer_chain_matches_model_at_every_layer(engine: Snapshotter,
                                                            model: Path) -> None:
     expected: dict[str, dict[str, tuple]] = {}

@@ -19,6 +19,8 @@ from dmfs.preflight import (
 )
 from tests.support.loop_pool import LoopPool, run
 
+pytestmark = pytest.mark.no_udev_only
+
 
 def test_a_ready_kernel_passes_without_loading_anything() -> None:
     def refuse(module: str) -> bool:

@@ -18,6 +18,8 @@ from tests.guest.test_pool_events import write_direct
 from tests.support.loop_pool import loop_pool
 from tests.support.tree import MountedTree, as_user, errno_of, renameat2, write_config
 
+pytestmark = pytest.mark.no_udev_only
+
 NOBODY = 65534
 
 

@@ -79,22 +79,24 @@ def _thin_devices_of(pool: LoopPool) -> list[tuple[str, str]]:
     """(name, major:minor) of every dm device whose table maps onto the pool.
 
     Device numbers come from dmsetup, not from /dev/mapper nodes, which a test
-    may not have made."""
+    may not have made.  Usually the code under test removed its devices, so
+    the one ``dmsetup table`` call is all this costs."""
     pool_devnum = pool.devnum
+    names = []
+    for line in run("dmsetup", "table", check=False).stdout.splitlines():
+        name, _, table = line.partition(": ")
+        fields = table.split()
+        if len(fields) >= 4 and fields[2] == "thin" and fields[3] in (pool_devnum, pool.device):
+            names.append(name)
+    if not names:
+        return []
     numbers = {}
     for line in run("dmsetup", "info", "-c", "--noheadings", "--separator", " ",
                     "-o", "name,major,minor", check=False).stdout.splitlines():
         fields = line.split()
         if len(fields) == 3:
             numbers[fields[0]] = f"{fields[1]}:{fields[2]}"
-    found = []
-    for line in run("dmsetup", "table", check=False).stdout.splitlines():
-        name, _, table = line.partition(": ")
-        fields = table.split()
-        if (len(fields) >= 4 and fields[2] == "thin" and fields[3] in (pool_devnum, pool.device)
-                and name in numbers):
-            found.append((name, numbers[name]))
-    return found
+    return [(name, numbers[name]) for name in names if name in numbers]
 
 
 def destroy_pool(pool: LoopPool) -> None:
@@ -109,8 +111,7 @@ def destroy_pool(pool: LoopPool) -> None:
         if pool.data_linear:
             run("dmsetup", "resume", pool.data_linear, check=False)
             run("dmsetup", "remove", "--retry", pool.data_linear, check=False)
-    for loop in (pool.data_loop, pool.metadata_loop):
-        run("losetup", "-d", loop, check=False)
+    run("losetup", "-d", pool.data_loop, pool.metadata_loop, check=False)
     for path in pool.files:
         with suppress(FileNotFoundError):
             path.unlink()
