@@ -144,8 +144,9 @@ class DeviceMapper(Protocol):
         """State of one device; NoSuchDevice when it does not exist."""
         ...
 
-    def status(self, name: str) -> list[Target]:
-        """The status line of each target of a live device."""
+    def status(self, name: str, *, flush: bool = True) -> list[Target]:
+        """The status line of each target of a live device; ``flush`` False
+        spares a thin pool the metadata commit it does before answering."""
         ...
 
     def table(self, name: str) -> list[Target]:

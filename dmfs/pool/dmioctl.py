@@ -291,9 +291,10 @@ class IoctlDriver:
         targets = self._decoded(operation, name, lambda: decode_targets(buffer, reply))
         return [Target(t.start, t.length, t.target_type, t.params.strip()) for t in targets]
 
-    def status(self, name: str) -> list[Target]:
-        """The status text of each target of the live table."""
-        return self._targets("status", name, 0)
+    def status(self, name: str, *, flush: bool = True) -> list[Target]:
+        """The status text of each target of the live table (DM_NOFLUSH_FLAG
+        without ``flush``)."""
+        return self._targets("status", name, 0 if flush else DM_NOFLUSH_FLAG)
 
     def table(self, name: str) -> list[Target]:
         """The live table (DM_TABLE_STATUS with DM_STATUS_TABLE_FLAG)."""

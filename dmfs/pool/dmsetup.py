@@ -116,8 +116,9 @@ class DmsetupDriver:
                                   params[0].strip() if params else ""))
         return targets
 
-    def status(self, name: str) -> list[Target]:
-        return self._targets(self._run("status", name, "status", name))
+    def status(self, name: str, *, flush: bool = True) -> list[Target]:
+        return self._targets(self._run("status", name, "status",
+                                       *([] if flush else ["--noflush"]), name))
 
     def table(self, name: str) -> list[Target]:
         return self._targets(self._run("table", name, "table", name))

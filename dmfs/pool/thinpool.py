@@ -108,8 +108,11 @@ class ThinPool:
     def device(self) -> str:
         return self.dm.device_path(self.name)
 
-    def status(self) -> PoolStatus:
-        return parse_pool_status(self.dm.status(self.name)[0].params)
+    def status(self, *, flush: bool = True) -> PoolStatus:
+        """The pool's status; without ``flush`` the kernel answers from memory
+        instead of committing the pool's metadata first (the counts include
+        the open transaction either way)."""
+        return parse_pool_status(self.dm.status(self.name, flush=flush)[0].params)
 
     def message(self, text: str) -> str:
         return self.dm.message(self.name, text)

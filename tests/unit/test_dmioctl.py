@@ -492,6 +492,9 @@ def test_table_asks_for_the_table_flag(driver: IoctlDriver, kernel: FakeKernel) 
     assert driver.table("thin") == [Target(0, 2048, "thin", "254:0 1")]
     assert driver.status("thin")
     assert seen[0] & abi.DM_STATUS_TABLE_FLAG and not seen[1] & abi.DM_STATUS_TABLE_FLAG
+    assert not seen[1] & abi.DM_NOFLUSH_FLAG
+    assert driver.status("thin", flush=False)
+    assert seen[2] & abi.DM_NOFLUSH_FLAG and not seen[2] & abi.DM_STATUS_TABLE_FLAG
 
 
 def test_long_message_reply_grows_the_buffer(driver: IoctlDriver, kernel: FakeKernel) -> None:
