@@ -314,11 +314,12 @@ class Snapshotter:
         mapped = await run(self.pool.mapped_bytes, device.name)
         return Usage(max(0, mapped - (device.baseline_sectors or 0) * 512))
 
-    def _freeze_blocking(self, device: Device) -> tuple[Device, int]:
-        """Record the mapped size of a device that will not change any more (its
-        snapshots start from it); returns the device and its growth in bytes."""
+    def _freeze_and_deactivate_blocking(self, device: Device) -> tuple[Device, int]:
+        """Deactivate a device that will not change any more, its mapped size
+        (where its snapshots start from) in the same journal record; returns
+        the device and its growth in bytes."""
         mapped = self.pool.mapped_bytes(device.name)
-        device = self._set_state(device, device.state, frozen_sectors=mapped // 512)
+        device = self._deactivate_blocking(device, frozen_sectors=mapped // 512)
         return device, max(0, mapped - (device.baseline_sectors or 0) * 512)
 
     async def pool_status(self) -> PoolStatus:
@@ -482,8 +483,8 @@ class Snapshotter:
     async def _deactivate(self, device: Device) -> Device:
         return await run(self._deactivate_blocking, device)
 
-    def _deactivate_blocking(self, device: Device) -> Device:
-        device = self._set_state(device, DeviceState.DEACTIVATING, durable=True)
+    def _deactivate_blocking(self, device: Device, **changes: Any) -> Device:
+        device = self._set_state(device, DeviceState.DEACTIVATING, durable=True, **changes)
         try:
             self.pool.deactivate(device.name)
         except DmError as error:
@@ -636,14 +637,16 @@ class Snapshotter:
         and deactivate the device; its usage in bytes."""
         self._unmount_blocking(device.id)
         failpoint("commit:after-unmount")
-        self._put_snapshot(intent)
+        live = device.state in LIVE_STATES
+        # On a live device the next record (Suspending) is durable and no dm
+        # operation comes between: the intent is on disk with it.
+        self._put_snapshot(intent, durable=not live)
         failpoint("commit:after-intent")
         usage = 0
-        if device.state in LIVE_STATES:
+        if live:
             device = self._flush_blocking(device)
             failpoint("commit:after-suspend-resume")
-            device, usage = self._freeze_blocking(device)
-            device = self._deactivate_blocking(device)
+            device, usage = self._freeze_and_deactivate_blocking(device)
         failpoint("commit:after-deactivate")
         return usage
 
@@ -823,8 +826,7 @@ class Snapshotter:
             await fs.mkfs(self.dm.device_path(device.name), self.config.fs_type,
                           self.config.fs_options, lazy_init=self.config.mkfs_lazy_init)
             failpoint("base:after-mkfs")
-            device, _ = await run(self._freeze_blocking, device)
-            device = await self._deactivate(device)
+            device, _ = await run(self._freeze_and_deactivate_blocking, device)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._destroy_device(device, quiet=True)
