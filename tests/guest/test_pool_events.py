@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from dmfs.config import Config
+from dmfs.pool import poolwatch
 from dmfs.pool.snapshotter import Snapshotter
 from tests.guest.conftest import BASE_IMAGE_SIZE
 from tests.support.loop_pool import loop_pool
@@ -39,13 +40,17 @@ def write_direct(path: Path, mib: int) -> int:
 
 
 async def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(30):  # a hang guard; dmsetup's polling takes up to 5 s
+    with trio.fail_after(30):  # a hang guard
         while not condition():
             await trio.sleep(0.05)
 
 
 async def test_engine_sees_low_water_and_out_of_space(scratch_dir: Path, driver: str,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dmsetup driver has no pollable events: it reads the status every
+    # POLL_SECONDS; a shorter period only makes the test wait less.
+    monkeypatch.setattr(poolwatch, "POLL_SECONDS", 0.5)
     low_water = (DATA_MIB * 2**20 // BLOCK) // 2  # half the pool
     with loop_pool(scratch_dir, data_mib=DATA_MIB, low_water_blocks=low_water) as pool:
         config = Config(pool_name=pool.name, base_image_size=BASE_IMAGE_SIZE,
