@@ -199,7 +199,7 @@ def _adopt(engine: Snapshotter, device: Device, entry: fs.MountEntry) -> None:
     from dmfs.pool.snapshotter import _Mount
 
     log.info("adopting existing mount %s of device %s", entry.mountpoint, device.name)
-    engine._mounts[device.id] = _Mount(entry.mountpoint, entry.read_only, trio.current_time())
+    engine._mounts[device.id] = _Mount(entry.mountpoint, entry.read_only)
 
 
 async def _clean_strays(engine: Snapshotter, world: _World) -> None:

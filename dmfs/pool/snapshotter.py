@@ -20,7 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,17 @@ class Usage:
 
 @dataclass
 class _Mount:
+    """A mounted snapshot filesystem and when it was last used (monotonic clock)."""
+
     path: Path
     read_only: bool
-    last_used: float
+    last_used: float = field(default_factory=time.monotonic)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_used
 
 
 #: run a blocking call in a worker thread (the trio loop stays free)
@@ -499,7 +507,7 @@ class Snapshotter:
         path.mkdir(exist_ok=True)
         fs.mount(self.dm.device_path(device.name), path, self.config.fs_type,
                  read_only=read_only)
-        self._mounts[device.id] = _Mount(path, read_only, time.monotonic())
+        self._mounts[device.id] = _Mount(path, read_only)
         return path
 
     async def _mount(self, device: Device, *, read_only: bool) -> Path:
@@ -517,7 +525,7 @@ class Snapshotter:
             fs.umount(mount.path)
         except OSError as error:
             if fs.is_busy(error):
-                mount.last_used = time.monotonic()
+                mount.touch()
                 raise InUse(f"files under {mount.path} are in use") from None
             if error.errno != 22:  # EINVAL: not mounted any more
                 raise
@@ -536,7 +544,7 @@ class Snapshotter:
         device_id = snapshot.device_id
         mount = self._mounts.get(device_id)
         if mount is not None:
-            mount.last_used = time.monotonic()
+            mount.touch()
             return mount.path
         async with self._device_locks[device_id]:
             mount = self._mounts.get(device_id)
@@ -565,7 +573,7 @@ class Snapshotter:
         while True:
             await trio.sleep(max(0.5, timeout / 4))
             idle = [device_id for device_id, mount in self._mounts.items()
-                    if mount.read_only and time.monotonic() - mount.last_used >= timeout]
+                    if mount.read_only and mount.idle_for() >= timeout]
             for device_id in idle:
                 await self._expire(device_id)
 

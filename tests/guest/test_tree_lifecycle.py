@@ -119,6 +119,30 @@ def test_committed_snapshots_unmount_when_idle_but_not_while_used(
     assert os.listdir(m / "held" / "fs") == ["lost+found"]  # back on demand
 
 
+def test_mounts_adopted_after_kill_9_still_unmount_when_idle(
+        unmounted_tree: MountedTree) -> None:
+    unmounted_tree.config.write_text(
+        unmounted_tree.config.read_text().replace('idle_timeout = "1h"', 'idle_timeout = "1s"'))
+    tree = unmounted_tree
+    tree.mount()
+    m = tree.mountpoint
+    (m / "layer.w").mkdir()
+    (m / "layer.w").rename(m / "layer")
+    committed = Path(os.readlink(m / "layer" / "fs"))  # mounted read-only now
+    held = os.open(committed, os.O_RDONLY)  # so the idle timer cannot take it first
+    try:
+        assert tree.pid is not None
+        os.kill(tree.pid, signal.SIGKILL)
+        tree.wait_stopped()
+    finally:
+        os.close(held)
+    assert committed in snapshot_mounts(tree)  # left behind
+    tree.mount()  # adopts it
+    wait_until(lambda: committed not in snapshot_mounts(tree),
+               what="the idle unmount of the adopted mount")
+    assert os.getxattr(m / "layer", "user.dmfs.state") == b"Deactivated"
+
+
 @pytest.fixture
 def mount_helper() -> Iterator[None]:
     """/sbin/mount.fuse.dmfs, the helper mount(8) runs for type fuse.dmfs, as the
