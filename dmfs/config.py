@@ -83,6 +83,25 @@ class Config:
     def runtime_dir(self) -> Path:
         return self.runtime_path or DEFAULT_RUNTIME_ROOT / self.pool_name
 
+    @property
+    def mount_dir(self) -> Path:
+        """Where the snapshots' filesystems are mounted (``<id>`` under it)."""
+        return self.runtime_dir / "snapshots"
+
+    @property
+    def device_prefix(self) -> str:
+        """dm name of a snapshot's device, less its thin id: ``<pool>-snap-``."""
+        return f"{self.pool_name}-snap-"
+
+    @property
+    def base_device_name(self) -> str:
+        """dm name of the hidden base device."""
+        return f"{self.pool_name}-base"
+
+    def names_a_dmfs_device(self, name: str) -> bool:
+        """Whether ``name`` is a dm name dmfs gives its devices on this pool."""
+        return name.startswith(self.device_prefix) or name == self.base_device_name
+
 
 # ---- loading -------------------------------------------------------------------------
 

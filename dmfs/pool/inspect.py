@@ -136,14 +136,12 @@ def _findings(inspection: Inspection) -> list[Finding]:
                                 f"{', ...' if len(foreign) > 10 else ''}); they are left "
                                 "alone", repairable=False, problem=False))
     known = {d.name for d in meta.devices.values()}
-    prefix, base_name = f"{config.pool_name}-snap-", f"{config.pool_name}-base"
     for name in sorted(inspection.live):
-        if (name.startswith(prefix) or name == base_name) and name not in known:
+        if config.names_a_dmfs_device(name) and name not in known:
             findings.append(Finding("stray-device", f"device-mapper device {name} looks like "
                                     "dmfs's but no snapshot uses it; to be deactivated"))
     if not inspection.served:
-        mount_dir = config.runtime_dir / "snapshots"
-        for path in sorted(fs.mounts_under(mount_dir)):
+        for path in sorted(fs.mounts_under(config.mount_dir)):
             findings.append(Finding("stray-mount", f"{path} is still mounted though no dmfs "
                                     "runs (a killed daemon); the next start adopts or "
                                     "unmounts it"))

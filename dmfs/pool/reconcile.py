@@ -213,9 +213,8 @@ async def _clean_strays(engine: Snapshotter, world: _World) -> None:
         log.warning("unmounting stray mount %s", entry.mountpoint)
         with contextlib.suppress(OSError):
             await trio.to_thread.run_sync(lambda e=entry: fs.umount(e.mountpoint, lazy=True))
-    base_name = f"{engine.config.pool_name}-base"
     for name in list(world.live):
-        if (name.startswith(engine.device_prefix) or name == base_name) and name not in known:
+        if engine.config.names_a_dmfs_device(name) and name not in known:
             log.warning("deactivating device %s: the journal does not know it", name)
             try:
                 await run(engine.pool.deactivate, name)

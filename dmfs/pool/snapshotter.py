@@ -130,11 +130,11 @@ class Snapshotter:
         self.dm = dm
         self.meta = Metadata()
         self.journal = Journal(config.state_dir)
-        self.device_prefix = f"{config.pool_name}-snap-"
+        self.device_prefix = config.device_prefix
         self.watcher = DmWatcher(self.device_prefix, self._device_vanished)
         self.pool = ThinPool(dm, config.pool_name, self.watcher)
         self.pool_watch = PoolWatch(self.pool)
-        self.mount_dir = config.runtime_dir / "snapshots"
+        self.mount_dir = config.mount_dir
         self.foreign_ids: set[int] = set()
         self._lock = trio.Lock()
         self._device_locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)
@@ -815,7 +815,7 @@ class Snapshotter:
             if device_id is None:
                 raise NoSpace("no free thin device id for the base device")
             device = self._put_device(Device(
-                id=device_id, name=f"{self.config.pool_name}-base", size=base_size,
+                id=device_id, name=self.config.base_device_name, size=base_size,
                 state=DeviceState.CREATING, role=Role.BASE), durable=True)
             failpoint("base:after-intent")
             try:
