@@ -67,7 +67,7 @@ class Inspection:
         thin = self.usage.get(device_id)
         if device is None or thin is None:
             return None
-        return max(0, thin.mapped - (device.baseline_sectors or 0) * 512)
+        return device.growth(thin.mapped)
 
     @property
     def problems(self) -> list[Finding]:

@@ -74,6 +74,11 @@ class Device:
     frozen_sectors: int | None = None  # mapped sectors when it became read-only for good
     error: str | None = None  # why it is Faulty
 
+    def growth(self, mapped_bytes: int) -> int:
+        """Bytes provisioned beyond what the device mapped when it was taken
+        (containerd's usage), given what it maps now."""
+        return max(0, mapped_bytes - (self.baseline_sectors or 0) * 512)
+
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies and costs ~40 µs a call, paid
         # on every journal record.

@@ -319,8 +319,7 @@ class Snapshotter:
         device = self.meta.devices.get(snapshot.device_id)
         if snapshot.kind is Kind.VIEW or device is None or device.state not in LIVE_STATES:
             return Usage(snapshot.usage or 0)
-        mapped = await run(self.pool.mapped_bytes, device.name)
-        return Usage(max(0, mapped - (device.baseline_sectors or 0) * 512))
+        return Usage(device.growth(await run(self.pool.mapped_bytes, device.name)))
 
     def _freeze_and_deactivate_blocking(self, device: Device) -> tuple[Device, int]:
         """Deactivate a device that will not change any more, its mapped size
@@ -328,7 +327,7 @@ class Snapshotter:
         the device and its growth in bytes."""
         mapped = self.pool.mapped_bytes(device.name)
         device = self._deactivate_blocking(device, frozen_sectors=mapped // 512)
-        return device, max(0, mapped - (device.baseline_sectors or 0) * 512)
+        return device, device.growth(mapped)
 
     async def pool_status(self) -> PoolStatus:
         return await run(self.pool.status)
