@@ -95,7 +95,7 @@ async def reconcile(engine: Snapshotter) -> None:
 
 
 async def _unmount_entry(entry: fs.MountEntry) -> None:
-    await trio.to_thread.run_sync(fs.umount, entry.mountpoint)
+    await run(fs.umount, entry.mountpoint)
     with contextlib.suppress(OSError):
         entry.mountpoint.rmdir()
 
@@ -128,7 +128,7 @@ async def _mark_missing(engine: Snapshotter, device: Device, snapshot: Snapshot 
     entry = world.mounts.pop(device.id, None)
     if entry is not None:
         with contextlib.suppress(OSError):
-            await trio.to_thread.run_sync(lambda: fs.umount(entry.mountpoint, lazy=True))
+            await run(lambda: fs.umount(entry.mountpoint, lazy=True))
     if device.name in world.live:
         with contextlib.suppress(DmError):
             await run(engine.pool.deactivate, device.name)
@@ -169,7 +169,7 @@ async def _settle(engine: Snapshotter, device: Device, snapshot: Snapshot,
     entry = world.mounts.pop(device.id, None)
     if entry is not None and entry.devnum != live_devnum:
         log.warning("stale mount %s (device gone): unmounting it lazily", entry.mountpoint)
-        await trio.to_thread.run_sync(lambda: fs.umount(entry.mountpoint, lazy=True))
+        await run(lambda: fs.umount(entry.mountpoint, lazy=True))
         entry = None
     want_read_write = snapshot.kind is Kind.ACTIVE
     if info is not None and want_read_write and info.read_only and entry is None:
@@ -208,11 +208,11 @@ async def _clean_strays(engine: Snapshotter, world: _World) -> None:
     for device_id, entry in world.mounts.items():
         log.warning("unmounting %s: no snapshot uses device %d", entry.mountpoint, device_id)
         with contextlib.suppress(OSError):
-            await trio.to_thread.run_sync(lambda e=entry: fs.umount(e.mountpoint, lazy=True))
+            await run(lambda e=entry: fs.umount(e.mountpoint, lazy=True))
     for entry in world.stray_mounts:
         log.warning("unmounting stray mount %s", entry.mountpoint)
         with contextlib.suppress(OSError):
-            await trio.to_thread.run_sync(lambda e=entry: fs.umount(e.mountpoint, lazy=True))
+            await run(lambda e=entry: fs.umount(e.mountpoint, lazy=True))
     for name in list(world.live):
         if engine.config.names_a_dmfs_device(name) and name not in known:
             log.warning("deactivating device %s: the journal does not know it", name)
