@@ -354,7 +354,8 @@ class Snapshotter:
                                       f"{MAX_LABEL_SIZE}")
 
     def _check_space_blocking(self) -> None:
-        status = self.pool.status()
+        # No metadata commit just to look: create_snap commits right after.
+        status = self.pool.status(flush=False)
         if status.failed or status.needs_check:
             raise PoolError(f"thin pool {self.pool.name} has failed or needs a check")
         if status.mode == "out_of_data_space" or status.free_data_blocks <= 0:
