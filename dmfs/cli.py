@@ -209,6 +209,20 @@ def common_options(suppress_defaults: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def add_command(commands: argparse._SubParsersAction, name: str, help_text: str,
+                description: str, examples: Sequence[str], notes: str = ""
+                ) -> argparse.ArgumentParser:
+    """A sub-command with the common options, its description laid out as
+    written, and an epilog of ``notes``, ``examples`` and the exit statuses."""
+    heading = "example:" if len(examples) == 1 else "examples:"
+    lines = "\n".join(f"  {example}" for example in examples)
+    before = f"{notes}\n\n" if notes else ""
+    return commands.add_parser(
+        name, parents=[common_options()], help=help_text, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{before}{heading}\n{lines}\n\n{EXIT_STATUS_HELP}")
+
+
 def driver_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--driver", choices=DRIVERS, default=DRIVERS[0],
                         help=f"how to talk to device-mapper (default: {DRIVERS[0]}: ioctls "
@@ -229,10 +243,9 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
         epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = pool.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
 
-    create = actions.add_parser(
-        "create", parents=[common_options()], help="create a loop-backed thin pool",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
+    create = add_command(
+        actions, "create", "create a loop-backed thin pool",
+        (
             "Create thin pool NAME on two sparse files in DIR, NAME.data and NAME.metadata,\n"
             "each on a loop device. The pool fails writes at once when full\n"
             "(error_if_no_space) and raises a device event when its free data blocks fall\n"
@@ -242,10 +255,9 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
             "the files exist but the pool does not (after a reboot, or `pool destroy`\n"
             "without --loopback), they are attached again and the pool comes back with\n"
             "its thin devices and data."),
-        epilog=(f"sizes: {SIZE_EXAMPLES};\n"
-                f"every unit is 1024-based, as in containerd (10GB = 10GiB).\n\n"
-                f"example:\n  dmfs pool create --loopback /var/lib/dmfs-pools --size 20GiB "
-                f"--name pool0\n\n{EXIT_STATUS_HELP}"))
+        ["dmfs pool create --loopback /var/lib/dmfs-pools --size 20GiB --name pool0"],
+        notes=(f"sizes: {SIZE_EXAMPLES};\n"
+               "every unit is 1024-based, as in containerd (10GB = 10GiB)."))
     create.add_argument("--loopback", metavar="DIR", type=directory_argument, required=True,
                         help="existing directory for the pool's files")
     create.add_argument("--size", type=size_argument, required=True,
@@ -272,17 +284,15 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
     json_option(create)
     create.set_defaults(run=run_pool_create)
 
-    destroy = actions.add_parser(
-        "destroy", parents=[common_options()], help="remove a thin pool and its loop devices",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
+    destroy = add_command(
+        actions, "destroy", "remove a thin pool and its loop devices",
+        (
             "Remove thin pool NAME and detach its loop devices. Refuses while any device\n"
             "is active on the pool (a thin device, mounted or not): stop dmfs first.\n"
             "Without --loopback the files stay, and `pool create` with the same options\n"
             "brings the pool back; with --loopback DIR they are deleted, and with them\n"
             "every snapshot in the pool."),
-        epilog=f"example:\n  dmfs pool destroy --name pool0 --loopback /var/lib/dmfs-pools"
-               f"\n\n{EXIT_STATUS_HELP}")
+        ["dmfs pool destroy --name pool0 --loopback /var/lib/dmfs-pools"])
     destroy.add_argument("--name", type=pool_name_argument, required=True,
                          help="device-mapper name of the pool")
     destroy.add_argument("--loopback", metavar="DIR", type=directory_argument,
@@ -294,15 +304,14 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def add_config_parser(commands: argparse._SubParsersAction) -> None:
-    config = commands.add_parser(
-        "config", parents=[common_options()], help="check a configuration file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
+    config = add_command(
+        commands, "config", "check a configuration file",
+        (
             "Check a configuration file and print every setting it gives, defaults\n"
             "included, with sizes in bytes and durations in seconds. A bad file gives one\n"
             "line naming the file, the key and what is wrong, and exit status 2.\n"
             "contrib/dmfs.toml.example describes every key."),
-        epilog=f"example:\n  dmfs config /etc/dmfs/pool0.toml\n\n{EXIT_STATUS_HELP}")
+        ["dmfs config /etc/dmfs/pool0.toml"])
     config.add_argument("file", metavar="FILE", type=Path, help="the TOML file to check")
     json_option(config)
     config.set_defaults(run=run_config)

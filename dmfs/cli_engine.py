@@ -18,9 +18,8 @@ import trio
 from dmfs.cli import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_STATUS_HELP,
     OperationFailed,
-    common_options,
+    add_command,
     emit,
     json_option,
 )
@@ -43,10 +42,7 @@ log = logging.getLogger("dmfs.cli")
 def add_engine_parsers(commands: argparse._SubParsersAction) -> None:
     def command(name: str, help_text: str, description: str, example: str
                 ) -> argparse.ArgumentParser:
-        parser = commands.add_parser(
-            name, parents=[common_options()], help=help_text, description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=f"example:\n  {example}\n\n{EXIT_STATUS_HELP}")
+        parser = add_command(commands, name, help_text, description, [example])
         parser.add_argument("config", metavar="CONFIG", type=Path, help="the pool's TOML file")
         return parser
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from dmfs import sdnotify
-from dmfs.cli import EXIT_FAILED, EXIT_OK, EXIT_STATUS_HELP, UsageError, common_options
+from dmfs.cli import EXIT_FAILED, EXIT_OK, UsageError, add_command
 from dmfs.config import Config, load_config
 from dmfs.fuse.mount import serve
 from dmfs.pool import fs
@@ -51,28 +51,25 @@ PIDFILE = "dmfs.pid"
 
 
 def add_mount_parser(commands: argparse._SubParsersAction) -> None:
-    mount = commands.add_parser(
-        "mount", parents=[common_options()], help="mount the snapshot tree",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
+    mount = add_command(
+        commands, "mount", "mount the snapshot tree",
+        (
             "Mount the snapshots of the thin pool that CONFIG describes as a directory tree\n"
             "at MOUNTPOINT (default: the config's mountpoint). Without --foreground it\n"
             "returns once the tree is mounted and a daemon serves it; `umount MOUNTPOINT`\n"
             "stops the daemon, which first unmounts every snapshot.\n\n"
             "mount -t fuse.dmfs CONFIG MOUNTPOINT -o OPTIONS and fstab lines of type\n"
             "fuse.dmfs run this command."),
-        epilog=(
+        ["dmfs mount /etc/dmfs/pool0.toml /srv/snapshots",
+         "mount -t fuse.dmfs /etc/dmfs/pool0.toml /srv/snapshots -o admin_group=wheel"],
+        notes=(
             "mount options (-o, comma-separated):\n"
             "  allow_other / noallow_other   let every user browse (default: the config)\n"
             "  admin_group=GROUP             who may mkdir/mv/rmdir besides root\n"
             "  idle_timeout=DURATION         unmount unused read-only snapshots after it\n"
             "  log_level=LEVEL, debug        log detail of the daemon\n"
             "  nodev, nosuid, noexec         passed to the FUSE mount\n"
-            "  rw, defaults, _netdev, nofail, ... ignored; ro is refused\n\n"
-            "examples:\n"
-            "  dmfs mount /etc/dmfs/pool0.toml /srv/snapshots\n"
-            "  mount -t fuse.dmfs /etc/dmfs/pool0.toml /srv/snapshots -o admin_group=wheel\n"
-            f"\n{EXIT_STATUS_HELP}"))
+            "  rw, defaults, _netdev, nofail, ... ignored; ro is refused"))
     mount.add_argument("config", metavar="CONFIG", type=Path, help="the pool's TOML file")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?",
                        help="an empty directory (default: mountpoint in CONFIG)")

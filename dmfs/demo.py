@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dmfs.cli import EXIT_OK, EXIT_STATUS_HELP, OperationFailed, common_options
+from dmfs.cli import EXIT_OK, OperationFailed, add_command
 from dmfs.cli_mount import PIDFILE, wait_for_exit
 from dmfs.pooladmin import create_loop_pool, destroy_pool, plan_loop_pool
 from dmfs.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
@@ -55,14 +55,13 @@ CLEANUP = "rmdir base-v1/app-v1/look base-v1/app-v1 base-v1 && ls -A"
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser(
-        "demo", parents=[common_options()], help="a guided tour on a throw-away pool",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
+    demo = add_command(
+        commands, "demo", "a guided tour on a throw-away pool",
+        (
             "Create a loop-backed thin pool on sparse files, mount dmfs on it, build\n"
             "layers with mkdir/cp/mv, make a view, browse it, remove everything in\n"
             "order, print the tree and clean up. Needs root, dm-thin and FUSE."),
-        epilog=f"example:\n  dmfs demo\n\n{EXIT_STATUS_HELP}")
+        ["dmfs demo"])
     demo.add_argument("--dir", type=Path, help="work directory (default: a new one in "
                       "/var/tmp, removed afterwards)")
     demo.add_argument("--size", default="512MiB",
