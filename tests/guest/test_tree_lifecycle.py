@@ -138,9 +138,9 @@ def test_mounts_adopted_after_kill_9_still_unmount_when_idle(
         os.close(held)
     assert committed in snapshot_mounts(tree)  # left behind
     tree.mount()  # adopts it
-    wait_until(lambda: committed not in snapshot_mounts(tree),
-               what="the idle unmount of the adopted mount")
-    assert os.getxattr(m / "layer", "user.dmfs.state") == b"Deactivated"
+    wait_until(lambda: os.getxattr(m / "layer", "user.dmfs.state") == b"Deactivated",
+               what="the idle unmount and deactivation of the adopted mount")
+    assert committed not in snapshot_mounts(tree)
 
 
 @pytest.fixture
