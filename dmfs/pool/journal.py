@@ -5,9 +5,17 @@ record that announces a device-mapper operation is fsync'd before the
 operation starts (``durable=True``); records that only confirm one ride along
 with the next durable write.  Compaction writes the whole state to
 ``checkpoint.json`` (temporary file, fsync, atomic rename, fsync of the
-directory) and starts an empty journal; records at or below the checkpoint's
-sequence number are skipped on replay, so a crash between the two steps is
-harmless.
+directory) and starts a journal holding only the records after the checkpoint's
+sequence number; records at or below it are skipped on replay, so a crash
+between the two steps is harmless.  The engine writes records from worker
+threads while the trio thread owns the in-memory state, so a checkpoint names
+the sequence number its state includes, and records written after it (by a
+sequence still running) are carried into the new journal.
+
+A failed fsync is not retried as if nothing happened: after an fsync error the
+kernel may have dropped the dirty pages, so a later fsync that succeeds proves
+nothing.  :attr:`Journal.needs_rewrite` then stays set until a compaction has
+written the whole state again.
 
 On open, a torn last record (cut by a crash mid-write: no newline, or a bad
 checksum on the very last line) is dropped with a warning and cut off the
@@ -18,6 +26,7 @@ byte offset, since guessing could lose committed snapshots.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -78,6 +87,10 @@ class Journal:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._dirty = False
+        #: (seq, line) of every record since the checkpoint, for compaction
+        self._tail: list[tuple[int, bytes]] = []
+        #: an fsync failed: only a compaction makes the journal trustworthy again
+        self.needs_rewrite = False
         # The engine writes from the trio thread and from the worker thread
         # running a device-mapper sequence: one writer at a time.
         self._write_lock = threading.Lock()
@@ -92,6 +105,7 @@ class Journal:
         records = [r for r in self._read_journal() if r["seq"] > base_seq]
         self.seq = max([base_seq, *(r["seq"] for r in records)])
         self.records_since_checkpoint = len(records)
+        self._tail = [(r["seq"], encode(r)) for r in records]
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return (checkpoint["state"] if checkpoint else None), records
 
@@ -161,32 +175,53 @@ class Journal:
                then: Callable[[dict[str, Any]], None] | None = None) -> int:
         """Append a record; with ``durable`` it is on disk when this returns.
 
-        ``then`` (applying the record to the in-memory state) runs under the
-        same lock, so a checkpoint never sees a record written but not applied.
+        ``then`` runs once the record is written (before the fsync), so that a
+        record that reached the file is applied even when its fsync fails.
         """
+        seq = self.write(record)
+        if then is not None:
+            then(record)
+        if durable:
+            self.sync()
+        return seq
+
+    def write(self, record: dict[str, Any]) -> int:
+        """Write a record without waiting for the disk; returns its sequence number."""
         with self._write_lock:
             if self._fd is None:
-                raise RuntimeError("journal is not open")
-            self.seq += 1
-            data = encode({**record, "seq": self.seq})
-            written = os.write(self._fd, data)
-            if written != len(data):  # a short write on a full disk: no half a line
-                raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes)")
+                raise PoolError(f"{self.path}: the journal is not open")
+            seq = self.seq + 1
+            data = encode({**record, "seq": seq})
+            size = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):  # a short write on a full disk
+                    raise OSError(errno.ENOSPC, f"{self.path}: short write ({written} of "
+                                  f"{len(data)} bytes)")
+            except OSError:
+                # No half a line may stay: the next record would follow it and
+                # make a damaged record in the middle of the journal.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                raise
+            self.seq = seq
+            self._tail.append((seq, data))
             self.records_since_checkpoint += 1
             self._dirty = True
-            if durable:
-                self._sync()
-            if then is not None:
-                then(record)
-            return self.seq
+            return seq
 
     def sync(self) -> None:
+        """Make every record written so far durable."""
         with self._write_lock:
             self._sync()
 
     def _sync(self) -> None:
         if self._fd is not None and self._dirty:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                self.needs_rewrite = True
+                raise
             self._dirty = False
 
     @property
@@ -197,31 +232,47 @@ class Journal:
     def wants_compaction(self) -> bool:
         return self.records_since_checkpoint >= self.compact_after
 
-    def compact(self, state: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
-        """Write the state as the checkpoint and start an empty journal (a
-        callable is evaluated under the write lock, consistent with the seq)."""
+    def compact(self, state: dict[str, Any] | Callable[[], dict[str, Any]],
+                seq: int | None = None) -> None:
+        """Write ``state`` as the checkpoint and start a journal that holds only
+        the records after ``seq``: the sequence number the state includes (by
+        default the last one written; a callable state is then evaluated under
+        the write lock, consistent with it)."""
         with self._write_lock:
-            self._compact(state() if callable(state) else state)
+            if callable(state):
+                state = state()
+            self._compact(state, self.seq if seq is None else seq)
 
-    def _compact(self, state: dict[str, Any]) -> None:
-        self._sync()
+    def _compact(self, state: dict[str, Any], seq: int) -> None:
+        if self._fd is None:
+            raise PoolError(f"{self.path}: the journal is not open")
+        # No fsync of the old journal: the checkpoint and the new journal hold
+        # everything in it (and after a failed fsync, its pages prove nothing).
         tmp = self.checkpoint_path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(encode({"seq": self.seq, "state": state}))
+            f.write(encode({"seq": seq, "state": state}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.checkpoint_path)
         _fsync_dir(self.directory)
+        tail = [(s, line) for s, line in self._tail if s > seq]
         fresh = self.path.with_suffix(".tmp")
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fsync(fd)
+        try:
+            data = b"".join(line for _, line in tail)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, f"{fresh}: short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(fresh, self.path)
         _fsync_dir(self.directory)
-        if self._fd is not None:
-            os.close(self._fd)
-        os.close(fd)
+        os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.records_since_checkpoint = 0
+        self._tail = tail
+        self.records_since_checkpoint = len(tail)
+        self._dirty = False
+        self.needs_rewrite = False
 
     def close(self) -> None:
         if self._fd is not None:
