@@ -107,28 +107,14 @@ def _percent(used: int, total: int) -> str:
 
 def run_status(args: argparse.Namespace) -> int:
     config, seen = _look(args, "dmfs status")
-    status, block = seen.status, seen.block_size
-    kinds = {kind: 0 for kind in ("active", "view", "committed")}
-    for snapshot in seen.meta.snapshots.values():
-        kinds[snapshot.kind.value] += 1
-    faulty = [d.id for d in seen.meta.devices.values() if d.state.value == "Faulty"]
-    data = {
-        "pool": config.pool_name, "mode": status.mode, "transaction_id": status.transaction_id,
-        "block_size": block,
-        "data": {"used_blocks": status.used_data_blocks,
-                 "total_blocks": status.total_data_blocks,
-                 "used_bytes": status.used_data_blocks * block,
-                 "total_bytes": status.total_data_blocks * block},
-        "metadata": {"used_blocks": status.used_metadata_blocks,
-                     "total_blocks": status.total_metadata_blocks},
-        "low_water": {"blocks": seen.low_water_blocks,
-                      "state": "reached" if seen.low_water_reached else "ok"},
-        "needs_check": status.needs_check, "snapshots": kinds, "faulty_devices": faulty,
-        "served": seen.served, "problems": [f.message for f in seen.problems],
-    }
-    low_water = (f"low-water mark {seen.low_water_blocks} blocks: "
-                 f"{'REACHED' if seen.low_water_reached else 'ok'}"
-                 if seen.low_water_blocks else "no low-water mark")
+    summary = seen.summary
+    status, block, kinds = summary.status, summary.block_size, summary.snapshots
+    faulty = summary.faulty_devices
+    data = {**summary.nested(), "served": seen.served,
+            "problems": [f.message for f in seen.problems]}
+    low_water = (f"low-water mark {summary.low_water_blocks} blocks: "
+                 f"{'REACHED' if summary.low_water_reached else 'ok'}"
+                 if summary.low_water_blocks else "no low-water mark")
     lines = [
         f"pool {config.pool_name}: {status.mode}, transaction {status.transaction_id}"
         + (", NEEDS CHECK" if status.needs_check else ""),
@@ -225,13 +211,15 @@ def run_check(args: argparse.Namespace) -> int:
     finally:
         dm.close()
     remaining = seen.problems
+    routine = [] if seen.served else seen.routine()
     data = {"pool": config.pool_name, "repaired": [f.message for f in before]
             if args.repair else [], "findings": [f.as_dict() for f in seen.findings],
-            "ok": not remaining}
+            "next_start": routine, "ok": not remaining}
     lines = []
     if args.repair and before:
         lines += [f"repaired  {f.message}" for f in before if f not in remaining]
     lines += [f"{'problem ' if f.problem else 'note    '}  {f.message}" for f in seen.findings]
+    lines += [f"start     {line}" for line in routine]
     if not remaining:
         lines.append(f"pool {config.pool_name}: journal and pool agree")
     elif not args.repair:

@@ -6,6 +6,8 @@ is a sentence for the log that says why.
 
 from __future__ import annotations
 
+import errno
+
 
 class SnapshotError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -45,3 +47,22 @@ class PoolError(SnapshotError):
 
 class JournalCorrupt(SnapshotError):
     """A record in the middle of the journal is damaged; start refused."""
+
+
+class LabelTooLarge(InvalidArgument):
+    """A label's key and value together exceed containerd's limit."""
+
+
+#: errno of a failed kernel or disk operation -> the engine's error for it
+_ERRNO_TYPES: dict[int, type[SnapshotError]] = {
+    errno.EBUSY: InUse,
+    errno.ENOSPC: NoSpace,
+    errno.EDQUOT: NoSpace,
+}
+
+
+def as_snapshot_error(error: OSError, doing: str) -> SnapshotError:
+    """The engine's error for a failed kernel or disk operation (a DmError, a
+    mount, the journal); ``doing`` names the operation and the device."""
+    kind = _ERRNO_TYPES.get(error.errno or 0, PoolError)
+    return kind(f"{doing}: {error}")

@@ -29,6 +29,14 @@ FAILPOINTS = (
     "base:after-intent",
     "base:after-create",
     "base:after-mkfs",
+    "thin_ls:reserved",
+    "reconcile:after-observe",
+    "reconcile:after-delete",
+    "reconcile:after-mark-faulty",
+    "reconcile:after-roll-back",
+    "reconcile:after-resume",
+    "reconcile:after-activate",
+    "reconcile:after-mount",
 )
 
 _armed = os.environ.get("DMFS_FAILPOINT")

@@ -2,26 +2,38 @@
 
 Works whether or not a daemon serves the pool: the journal is read without
 its lock, the pool through status calls and a thin_ls of a metadata snapshot.
-:func:`inspect_pool` also lists where journal and pool disagree; most of it is
-what the next start (reconcile) fixes, which ``dmfs check --repair`` runs.
+What differs between journal and pool is the start-up plan itself
+(:func:`dmfs.pool.plan.plan`): the findings are its actions that repair
+something, so ``dmfs check`` says exactly what the next start (or
+``dmfs check --repair``) will do.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dmfs.config import Config
-from dmfs.pool import fs
 from dmfs.pool.dm import DeviceMapper
 from dmfs.pool.journal import LOCK_NAME, Journal
 from dmfs.pool.metadata import DeviceState, Kind, Metadata, read_metadata
-from dmfs.pool.poolwatch import below_low_water
+from dmfs.pool.plan import Plan, Step, owner_of, plan
+from dmfs.pool.reconcile import observe
 from dmfs.pool.status import PoolStatus
+from dmfs.pool.summary import PoolSummary
 from dmfs.pool.thinpool import ThinPool, ThinUsage
+
+#: how check names the kind of repair each step of the plan makes
+FINDING_KINDS = {
+    Step.DELETE: "interrupted", Step.ROLL_BACK: "interrupted", Step.MARK_FAULTY: "missing",
+    Step.RECOVER: "faulty", Step.RESUME: "suspended", Step.UNMOUNT_STALE: "stale-mount",
+    Step.DEACTIVATE: "live-device", Step.UNMOUNT_STRAY: "stray-mount",
+    Step.DEACTIVATE_STRAY: "stray-device",
+}
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,14 @@ class Inspection:
     block_size: int
     low_water_blocks: int
     usage: dict[int, ThinUsage]
-    live: dict[str, tuple[int, int]]
     served: bool  # a dmfs process holds the journal
+    plan: Plan | None = None  # None when the journal belongs to another pool
     findings: list[Finding] = field(default_factory=list)
 
     @property
-    def low_water_reached(self) -> bool:
-        return below_low_water(self.status, self.low_water_blocks)
+    def summary(self) -> PoolSummary:
+        return PoolSummary.of(self.config.pool_name, self.status, self.block_size,
+                              self.low_water_blocks, self.meta)
 
     def usage_of(self, device_id: int) -> int | None:
         """containerd's usage: bytes provisioned beyond the parent."""
@@ -72,6 +85,14 @@ class Inspection:
     @property
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.problem]
+
+    def routine(self) -> list[str]:
+        """What the next start does that repairs nothing (activating, mounting,
+        adopting mounts), one line per step with how many snapshots."""
+        if self.plan is None:
+            return []
+        counts = Counter(a.step for a in self.plan.actions if not a.problem)
+        return [f"{step.value} {count} snapshot device(s)" for step, count in counts.items()]
 
 
 def journal_in_use(state_dir: Path) -> bool:
@@ -96,55 +117,36 @@ def inspect_pool(config: Config, dm: DeviceMapper) -> Inspection:
     pool = ThinPool(dm, config.pool_name)
     status = pool.attach()
     assert pool.table is not None
+    world = observe(pool, config)
     inspection = Inspection(
         config=config, meta=meta, status=status, block_size=pool.block_size,
-        low_water_blocks=pool.table.low_water_blocks, usage=pool.thin_usage(),
-        live=pool.live_devices(), served=journal_in_use(config.state_dir))
-    inspection.findings = _findings(inspection)
+        low_water_blocks=pool.table.low_water_blocks, usage=world.usage,
+        served=journal_in_use(config.state_dir))
+    if meta.pool_name not in (None, config.pool_name):
+        inspection.findings = [Finding("journal", f"{config.state_dir} belongs to pool "
+                                       f"{meta.pool_name!r}, not {config.pool_name!r}",
+                                       repairable=False)]
+        return inspection
+    inspection.plan = plan(meta, world)
+    inspection.findings = _findings(meta, inspection.plan, world.usage)
     return inspection
 
 
-def _findings(inspection: Inspection) -> list[Finding]:
-    meta, config = inspection.meta, inspection.config
-    findings = []
-    if meta.pool_name not in (None, config.pool_name):
-        findings.append(Finding("journal", f"{config.state_dir} belongs to pool "
-                                f"{meta.pool_name!r}, not {config.pool_name!r}", False))
-        return findings
+def _findings(meta: Metadata, the_plan: Plan, usage: dict[int, ThinUsage]) -> list[Finding]:
+    findings = [Finding(FINDING_KINDS.get(action.step, action.step.value), action.why)
+                for action in the_plan.problems]
+    recovering = {a.device_id for a in the_plan.actions if a.step is Step.RECOVER}
     for device in sorted(meta.devices.values(), key=lambda d: d.id):
-        snapshot = meta.snapshot_of_device(device.id)
-        owner = f"snapshot {snapshot.key!r}" if snapshot else (
-            "the base device" if device.id == meta.base_id else "no snapshot")
-        if device.state is DeviceState.FAULTY:
+        if device.state is DeviceState.FAULTY and device.id not in recovering:
+            owner = owner_of(device, meta.snapshot_of_device(device.id))
             findings.append(Finding("faulty", f"thin device {device.id} ({owner}) is Faulty: "
-                                    f"{device.error}", repairable=device.id
-                                    in inspection.usage))
-        elif snapshot is None and device.id != meta.base_id:
-            what = "remove" if device.state is DeviceState.REMOVING else "prepare"
-            findings.append(Finding("interrupted", f"thin device {device.id}: an interrupted "
-                                    f"{what}, to be finished or rolled back"))
-        elif device.id not in inspection.usage:
-            findings.append(Finding("missing", f"thin device {device.id} ({owner}) is missing "
-                                    "from the pool; it will be marked Faulty"))
-        if snapshot is not None and snapshot.pending:
-            findings.append(Finding("interrupted", f"snapshot {snapshot.key!r}: an "
-                                    f"interrupted {snapshot.pending}, to be rolled back"))
-    foreign = sorted(set(inspection.usage) - set(meta.devices))
+                                    f"{device.error}", repairable=device.id in usage))
+    foreign = sorted(the_plan.foreign_ids)
     if foreign:
         findings.append(Finding("foreign", f"{len(foreign)} thin device(s) in the pool are not "
                                 f"dmfs's (ids {', '.join(map(str, foreign[:10]))}"
                                 f"{', ...' if len(foreign) > 10 else ''}); they are left "
                                 "alone", repairable=False, problem=False))
-    known = {d.name for d in meta.devices.values()}
-    for name in sorted(inspection.live):
-        if config.names_a_dmfs_device(name) and name not in known:
-            findings.append(Finding("stray-device", f"device-mapper device {name} looks like "
-                                    "dmfs's but no snapshot uses it; to be deactivated"))
-    if not inspection.served:
-        for path in sorted(fs.mounts_under(config.mount_dir)):
-            findings.append(Finding("stray-mount", f"{path} is still mounted though no dmfs "
-                                    "runs (a killed daemon); the next start adopts or "
-                                    "unmounts it"))
     return findings
 
 

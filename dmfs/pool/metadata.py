@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from dmfs.pool.dm import SECTOR_SIZE
+
 MAX_DEVICE_ID = 2**24 - 1
 
 
@@ -43,13 +45,20 @@ class DeviceState(StrEnum):
     FAULTY = "Faulty"
 
 
-#: states in which the dm device is (or should be) live
+#: states in which the dm device is live (unless removed behind dmfs's back)
 LIVE_STATES = frozenset({DeviceState.ACTIVATED, DeviceState.SUSPENDING, DeviceState.SUSPENDED,
                          DeviceState.RESUMING, DeviceState.RESUMED,
                          DeviceState.DEACTIVATING})
+#: states in which the dm device is known not to exist; in every other state
+#: (Activating, Removing, Faulty, Unknown: an operation was interrupted, or the
+#: device was lost) it may or may not, and only the kernel can tell
+INACTIVE_STATES = frozenset({DeviceState.CREATING, DeviceState.CREATED,
+                             DeviceState.DEACTIVATED, DeviceState.REMOVED})
 
 
-class Role(StrEnum):
+class DeviceRole(StrEnum):
+    """What a thin device is for."""
+
     BASE = "base"  # the hidden pre-formatted device parentless snapshots copy
     SNAPSHOT = "snapshot"
 
@@ -67,17 +76,27 @@ class Device:
     name: str  # the dm device name while active
     size: int  # virtual size in bytes
     state: DeviceState
-    role: Role = Role.SNAPSHOT
+    role: DeviceRole = DeviceRole.SNAPSHOT
     origin: int | None = None  # the thin id it was snapshotted from
     read_only: bool = False  # activated read-only
     baseline_sectors: int | None = None  # mapped sectors when it was taken (usage = growth)
     frozen_sectors: int | None = None  # mapped sectors when it became read-only for good
     error: str | None = None  # why it is Faulty
 
+    @property
+    def is_live(self) -> bool:
+        """The journal says its dm device exists."""
+        return self.state in LIVE_STATES
+
+    @property
+    def may_be_live(self) -> bool:
+        """Its dm device may exist (live, or an operation on it was interrupted)."""
+        return self.state not in INACTIVE_STATES
+
     def growth(self, mapped_bytes: int) -> int:
         """Bytes provisioned beyond what the device mapped when it was taken
         (containerd's usage), given what it maps now."""
-        return max(0, mapped_bytes - (self.baseline_sectors or 0) * 512)
+        return max(0, mapped_bytes - (self.baseline_sectors or 0) * SECTOR_SIZE)
 
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies and costs ~40 µs a call, paid
@@ -88,7 +107,7 @@ class Device:
     def from_json(cls, data: dict[str, Any]) -> Device:
         values = dict(data)
         values["state"] = DeviceState(values["state"])
-        values["role"] = Role(values["role"])
+        values["role"] = DeviceRole(values["role"])
         return cls(**values)
 
 
@@ -182,11 +201,20 @@ class Metadata:
     def allocate_id(self, unavailable: set[int] | frozenset[int] = frozenset()) -> int | None:
         """The lowest id no device of ours (any state, Faulty included) nor
         ``unavailable`` uses; None when all 2**24 - 1 are taken."""
-        taken = self.devices.keys() | unavailable
+        free = self.free_ids(1, unavailable)
+        return free[0] if free else None
+
+    def free_ids(self, count: int, unavailable: set[int] | frozenset[int] = frozenset()
+                 ) -> list[int]:
+        """The ``count`` lowest ids :meth:`allocate_id` could give, in order
+        (fewer when the id space runs out)."""
+        free: list[int] = []
         for candidate in range(1, MAX_DEVICE_ID + 1):
-            if candidate not in taken:
-                return candidate
-        return None
+            if candidate not in self.devices and candidate not in unavailable:
+                free.append(candidate)
+                if len(free) == count:
+                    break
+        return free
 
     # -- records ---------------------------------------------------------------
     def apply(self, record: dict[str, Any]) -> None:

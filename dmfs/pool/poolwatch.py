@@ -18,6 +18,7 @@ import trio
 from dmfs.pool.dm import DeviceMapper
 from dmfs.pool.metadata import now
 from dmfs.pool.status import PoolStatus
+from dmfs.pool.summary import below_low_water
 from dmfs.pool.thinpool import ThinPool
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,6 @@ POLL_SECONDS = 5.0
 SETTLE_SECONDS = 0.25
 
 
-def below_low_water(status: PoolStatus, low_water_blocks: int) -> bool:
-    """The kernel's test: free data blocks at or under the low-water mark."""
-    return low_water_blocks > 0 and status.free_data_blocks <= low_water_blocks
-
-
 @dataclass
 class PoolWatch:
     """The last pool state seen, and how many space events there were."""
@@ -47,9 +43,9 @@ class PoolWatch:
     last_event: str | None = None
     history: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        return {"low_water": "reached" if self.low_water_reached else "ok",
-                "space_events": self.events, "last_space_event": self.last_event}
+    def event_counts(self) -> dict[str, Any]:
+        """How many space events there were, and when the last one was."""
+        return {"space_events": self.events, "last_space_event": self.last_event}
 
     def note(self, status: PoolStatus) -> None:
         """Compare with the previous status; log and count what changed."""

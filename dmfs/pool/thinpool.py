@@ -10,11 +10,15 @@ guest).  The drivers wait for udev themselves, so a device is ready when
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +32,19 @@ from dmfs.pool.dm import (
     Target,
 )
 from dmfs.pool.errors import PoolError
+from dmfs.pool.failpoints import failpoint
 from dmfs.pool.status import PoolStatus, parse_pool_status, parse_thin_status
-from dmfs.pool.udev import DmWatcher
 
 log = logging.getLogger(__name__)
 
 #: EBUSY on remove is retried this many times, within this many seconds
 REMOVE_ATTEMPTS = 10
 REMOVE_DEADLINE = 5.0
+#: lock files of the pools' metadata snapshots (one per pool and machine)
+METADATA_SNAPSHOT_LOCKS = Path("/run/lock/dmfs")
+#: how long to wait for another dmfs process's metadata snapshot (a thin_ls
+#: of a big pool takes about a second)
+METADATA_SNAPSHOT_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,31 @@ class ThinUsage:
     exclusive: int
 
 
+@contextlib.contextmanager
+def _metadata_snapshot_lock(pool_name: str) -> Iterator[None]:
+    """Hold the machine-wide lock of a pool's metadata snapshot."""
+    METADATA_SNAPSHOT_LOCKS.mkdir(parents=True, exist_ok=True)
+    path = METADATA_SNAPSHOT_LOCKS / f"{pool_name}.metadata-snap"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + METADATA_SNAPSHOT_WAIT
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PoolError(f"thin pool {pool_name}: another dmfs process has held "
+                                    f"its metadata snapshot for {METADATA_SNAPSHOT_WAIT:g} s "
+                                    f"(lock {path})") from None
+                time.sleep(delay)  # a lock, not a device: nothing to wait on but time
+                delay = min(delay * 2, 0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _device_node(devnum: str) -> str:
     """/dev/<name> for a major:minor, from sysfs."""
     uevent = Path(f"/sys/dev/block/{devnum}/uevent")
@@ -70,10 +104,9 @@ def _device_node(devnum: str) -> str:
 class ThinPool:
     """An existing thin pool, attached by its dm name.  All methods block."""
 
-    def __init__(self, dm: DeviceMapper, name: str, watcher: DmWatcher | None = None) -> None:
+    def __init__(self, dm: DeviceMapper, name: str) -> None:
         self.dm = dm
         self.name = name
-        self.watcher = watcher
         self.table: PoolTable | None = None
 
     # -- the pool itself -----------------------------------------------------------
@@ -144,24 +177,43 @@ class ThinPool:
             raise
         return True
 
+    @contextlib.contextmanager
+    def metadata_snapshot(self) -> Iterator[str]:
+        """Reserve the pool's metadata snapshot for a reader (thin_ls,
+        thin_delta) and yield the metadata device node to pass it.
+
+        A pool holds one metadata snapshot at a time, and a process killed while
+        it holds one leaves it held: every later reserve would fail with EBUSY.
+        So dmfs processes take a lock file (flock, released by the kernel when
+        its holder dies) around the reservation: a snapshot held while nobody
+        holds the lock was left by a dead process and is released first."""
+        assert self.table is not None
+        metadata_node = _device_node(self.table.metadata_dev)
+        with _metadata_snapshot_lock(self.name):
+            if self.status(flush=False).held_metadata_root is not None:
+                log.warning("thin pool %s: releasing a metadata snapshot a process that "
+                            "died left reserved", self.name)
+                self.message("release_metadata_snap")
+            self.message("reserve_metadata_snap")
+            try:
+                failpoint("thin_ls:reserved")
+                yield metadata_node
+            finally:
+                self.message("release_metadata_snap")
+
     def thin_usage(self) -> dict[int, ThinUsage]:
         """Every thin id in the pool with its mapped and exclusive bytes.
 
         Reads a metadata snapshot with thin_ls, the only way to list the ids of
         a live pool (a process: use it at start and on request, not per call).
         """
-        assert self.table is not None
         if shutil.which("thin_ls") is None:
             raise PoolError("thin_ls not found: install thin-provisioning-tools")
-        metadata_node = _device_node(self.table.metadata_dev)
-        self.message("reserve_metadata_snap")
-        try:
+        with self.metadata_snapshot() as metadata_node:
             result = subprocess.run(
                 ["thin_ls", "--metadata-snap", "--no-headers", "-o",
                  "DEV,MAPPED_BYTES,EXCLUSIVE_BYTES", metadata_node],
                 capture_output=True, text=True, check=False)
-        finally:
-            self.message("release_metadata_snap")
         if result.returncode != 0:
             raise PoolError(f"thin_ls failed: {result.stderr.strip()}")
         usage = {}
@@ -186,8 +238,6 @@ class ThinPool:
         EBUSY (something holds it open, often a short-lived udev probe) is
         retried REMOVE_ATTEMPTS times within REMOVE_DEADLINE seconds, then raised.
         """
-        if self.watcher is not None:
-            self.watcher.expect_removal(name)
         deadline = time.monotonic() + REMOVE_DEADLINE
         for attempt in range(1, REMOVE_ATTEMPTS + 1):
             try:

@@ -101,21 +101,22 @@ class DmEventMonitor:
 
 
 class DmWatcher:
-    """Runs a :class:`DmEventMonitor` in the trio loop and watches for removals.
+    """Runs a :class:`DmEventMonitor` in the trio loop and reports removals.
 
-    A ``remove`` of a watched device that nobody announced with
-    :meth:`expect_removal` goes to ``on_unexpected_remove`` (the engine marks
-    the snapshot Faulty).  Readiness after activation is the drivers' job:
-    they wait for udev's event themselves when udevd runs.
+    Every ``remove`` of a watched device goes to ``on_remove``; telling
+    dmfs's own removals from removals behind its back is the engine's job
+    (it looks under the device's lock, see ``Snapshotter._check_vanished``):
+    events can arrive late, after the name was reused.  Readiness after
+    activation is the drivers' job: they wait for udev's event themselves
+    when udevd runs.
     """
 
     def __init__(self, watched_prefix: str,
-                 on_unexpected_remove: Callable[[DmEvent], None] | None = None) -> None:
+                 on_remove: Callable[[DmEvent], None] | None = None) -> None:
         self.watched_prefix = watched_prefix
-        self.on_unexpected_remove = on_unexpected_remove
+        self.on_remove = on_remove
         self.running = False
         self.source: str | None = None
-        self._expected_removals: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with DmEventMonitor() as monitor:
@@ -129,14 +130,7 @@ class DmWatcher:
                 self.running = False
 
     def _dispatch(self, event: DmEvent) -> None:
-        if event.name is None:
-            return
-        if event.action == "remove" and event.name.startswith(self.watched_prefix):
-            if event.name in self._expected_removals:
-                self._expected_removals.discard(event.name)
-            elif self.on_unexpected_remove is not None:
-                self.on_unexpected_remove(event)
-
-    def expect_removal(self, name: str) -> None:
-        """Announce that dmfs itself is removing ``name`` (any thread may call it)."""
-        self._expected_removals.add(name)
+        if (event.name is not None and event.action == "remove"
+                and event.name.startswith(self.watched_prefix)
+                and self.on_remove is not None):
+            self.on_remove(event)
