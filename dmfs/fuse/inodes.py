@@ -28,7 +28,7 @@ CONTROL_ENTRIES = {b"pool": POOL_FILE, b"snapshots.json": SNAPSHOTS_FILE,
                    b"by-name": BY_NAME_DIR}
 
 
-class Role(Enum):
+class EntryRole(Enum):
     NODE = "node"  # M/.../<name>/
     FS_LINK = "fs"  # M/.../<name>/fs
     BY_NAME = "by-name"  # M/.dmfs/by-name/<name>
@@ -41,7 +41,7 @@ Identity = tuple[int, str]  # (thin device id, created)
 @dataclass
 class Entry:
     inode: int
-    role: Role
+    role: EntryRole
     identity: Identity
     lookups: int = 0
 
@@ -52,9 +52,9 @@ class InodeTable:
     def __init__(self) -> None:
         self._next = FIRST_DYNAMIC
         self._by_inode: dict[int, Entry] = {}
-        self._by_identity: dict[tuple[Role, Identity], Entry] = {}
+        self._by_identity: dict[tuple[EntryRole, Identity], Entry] = {}
 
-    def inode(self, role: Role, identity: Identity) -> int:
+    def inode(self, role: EntryRole, identity: Identity) -> int:
         """The inode of a snapshot's node or link (allocated on first use)."""
         entry = self._by_identity.get((role, identity))
         if entry is None:
@@ -85,7 +85,7 @@ class InodeTable:
     def snapshot_gone(self, identity: Identity) -> None:
         """A snapshot was removed: drop its entries the kernel no longer holds
         (the others go when the kernel forgets them)."""
-        for role in Role:
+        for role in EntryRole:
             entry = self._by_identity.get((role, identity))
             if entry is not None and entry.lookups == 0:
                 self._drop(entry)

@@ -4,7 +4,10 @@ containerd keys may contain ``/``; in the tree ``%`` and ``/`` are
 percent-encoded (``%25``, ``%2F``), and so is a leading ``.`` (``%2E``), which
 would otherwise hide the node or collide with ``.``, ``..`` and ``.dmfs``.
 Decoding is strict: a name is valid only if encoding its key gives it back,
-so every key has exactly one name.
+so every key has exactly one name.  Names reach the daemon as bytes; keys are
+text (containerd's keys are protobuf strings), so a name that is not valid
+UTF-8 names no snapshot: a lookup finds nothing, a mkdir or rename to it is
+refused with EINVAL.
 """
 
 from __future__ import annotations
@@ -18,6 +21,24 @@ _ESCAPES = {"25": "%", "2F": "/", "2E": "."}
 
 class BadName(ValueError):
     """A directory entry name that no snapshot key encodes to."""
+
+
+class NameTooLong(BadName):
+    """A name longer than NAME_MAX bytes."""
+
+
+def display(raw: bytes) -> str:
+    """A name from the kernel as text for a log line, whatever its bytes."""
+    return raw.decode(errors="backslashreplace")
+
+
+def decode_entry(raw: bytes) -> str:
+    """The snapshot key a directory entry (as the kernel passes it) stands for."""
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise BadName(f"{display(raw)!r} is not valid UTF-8") from None
+    return decode_name(name)
 
 
 def encode_key(key: str) -> str:
@@ -54,4 +75,4 @@ def check_new_key(key: str) -> None:
     if key in RESERVED_KEYS:
         raise BadName(f"{key!r} is reserved (every node has an entry of that name)")
     if len(encode_key(key).encode()) > NAME_MAX:
-        raise BadName(f"the name of {key[:32]!r}... is longer than {NAME_MAX} bytes")
+        raise NameTooLong(f"the name of {key[:32]!r}... is longer than {NAME_MAX} bytes")

@@ -11,79 +11,34 @@ then be logged.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pyfuse3
 
-from dmfs.fuse import inodes
-from dmfs.fuse.inodes import CONTROL_ENTRIES, InodeTable, Role
-from dmfs.fuse.names import BadName, check_new_key, decode_name, encode_key
-from dmfs.pool.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    HasChildren,
-    InUse,
-    InvalidArgument,
-    NoSpace,
-    NotFound,
-    SnapshotError,
-)
+from dmfs.fuse import control, inodes, xattrs
+from dmfs.fuse.boundary import errno_of, failsafe, refuse
+from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole
+from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display, encode_key
+from dmfs.fuse.namespace import CONTROL, FS, Namespace
+from dmfs.fuse.permissions import is_admin, why_not_admin
+from dmfs.pool.errors import SnapshotError
 from dmfs.pool.metadata import Kind
-from dmfs.pool.snapshotter import Info, Snapshotter
+from dmfs.pool.snapshotter import Snapshotter
 
 log = logging.getLogger(__name__)
 
-#: how long the kernel may cache node entries and attributes; every change made
-#: through the tree keeps the cache right (the kernel's own or an invalidation)
-NODE_TIMEOUT = 300.0
 RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-LABEL_PREFIX = "user.label."
-INFO_PREFIX = "user.dmfs."
-INFO_ATTRIBUTES = ("kind", "parent", "id", "state", "usage", "created", "updated")
-FS = b"fs"
-CONTROL = b".dmfs"
-
-# The engine's refusals and the errno each means in the tree.
-ERRNOS: list[tuple[type[SnapshotError], int]] = [
-    (AlreadyExists, errno.EEXIST), (NotFound, errno.ENOENT), (HasChildren, errno.ENOTEMPTY),
-    (InUse, errno.EBUSY), (NoSpace, errno.ENOSPC), (InvalidArgument, errno.EINVAL),
-    (FailedPrecondition, errno.EPERM), (SnapshotError, errno.EIO),
-]
-
-
-def _errno_of(error: SnapshotError) -> int:
-    return next(code for kind, code in ERRNOS if isinstance(error, kind))
-
-
-def _ns(stamp: str) -> int:
-    try:
-        return int(datetime.fromisoformat(stamp).timestamp() * 1e9)
-    except ValueError:
-        return 0
-
-
-def _groups_of(pid: int) -> set[int]:
-    """Supplementary groups of a process (FUSE requests carry only uid/gid)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
 
 
 class DmfsOperations(pyfuse3.Operations):
-    """The namespace served at the mountpoint, backed by a :class:`Snapshotter`."""
+    """The namespace served at the mountpoint, backed by a :class:`Snapshotter`.
+
+    Every handler is wrapped in :func:`~dmfs.fuse.boundary.failsafe`: no error
+    of any kind ends the daemon."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -94,135 +49,56 @@ class DmfsOperations(pyfuse3.Operations):
         super().__init__()
         self.engine = engine
         self.admin_gid = admin_gid
-        self.inodes = InodeTable()
+        self.ns = Namespace(engine, admin_gid)
+        self.inodes = self.ns.inodes
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._open_files: dict[int, bytes] = {}
+        self._control_sizes: dict[int, int] = {}
         self._next_fh = 1
-        self._started_ns = time.time_ns()  # the times of the root and .dmfs
         # How attribute changes reach the kernel; tests may replace it.
         self._invalidate = on_change or (lambda inode: pyfuse3.invalidate_inode(
             inode, attr_only=True))
 
     # ------------------------------------------------------------------ helpers
     def _refuse(self, code: int, operation: str, path: str, why: str) -> NoReturn:
-        log.warning("%s %s refused (%s): %s", operation, path, errno.errorcode[code], why)
-        raise pyfuse3.FUSEError(code)
+        refuse(code, operation, path, why)
 
     def _engine_refusal(self, error: SnapshotError, operation: str, path: str) -> NoReturn:
-        self._refuse(_errno_of(error), operation, path, str(error))
+        refuse(errno_of(error), operation, path, str(error))
 
     def _check_admin(self, ctx: pyfuse3.RequestContext, operation: str, path: str) -> None:
-        if ctx.uid == 0:
-            return
-        if self.admin_gid is not None and (
-                ctx.gid == self.admin_gid or self.admin_gid in _groups_of(ctx.pid)):
-            return
-        who = f"uid {ctx.uid} (pid {ctx.pid})"
-        group = "the admin group" if self.admin_gid is not None else "root (no admin_group set)"
-        self._refuse(errno.EACCES, operation, path, f"{who} is not root or in {group}")
-
-    def _snapshot(self, inode: int) -> tuple[Role, Info] | None:
-        entry = self.inodes.get(inode)
-        if entry is None:
-            return None
-        info = self.engine.by_device(entry.identity[0])
-        if info is None or info.identity != entry.identity:
-            return None
-        return entry.role, info
-
-    def _node(self, inode: int) -> Info | None:
-        found = self._snapshot(inode)
-        return found[1] if found and found[0] is Role.NODE else None
-
-    def _path(self, inode: int, name: bytes | None = None) -> str:
-        """The path in the tree, for log lines."""
-        parts: list[str] = []
-        if name is not None:
-            parts.append(os.fsdecode(name))
-        if inode == inodes.ROOT:
-            pass
-        elif inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
-            parts.append(".dmfs" if inode == inodes.CONTROL_DIR else ".dmfs/by-name")
-        else:
-            found = self._snapshot(inode)
-            if found:
-                role, info = found
-                if role is Role.FS_LINK:
-                    parts.append("fs")
-                parts.extend(self._node_path(info))
-        return "/" + "/".join(reversed(parts))
-
-    def _node_path(self, info: Info) -> list[str]:
-        """Encoded names from the node up to the root (innermost first)."""
-        names, current = [], info
-        while current is not None:
-            names.append(encode_key(current.key))
-            current = self.engine.get(current.parent) if current.parent else None
-        return names
-
-    def _node_inode(self, info: Info) -> int:
-        return self.inodes.inode(Role.NODE, info.identity)
+        if not is_admin(ctx, self.admin_gid):
+            self._refuse(errno.EACCES, operation, path, why_not_admin(ctx, self.admin_gid))
 
     # ------------------------------------------------------------------ attributes
-    def _attrs(self, inode: int, mode: int, *, size: int = 0, nlink: int = 1,
-               timeout: float = NODE_TIMEOUT, times: tuple[str, str] | None = None
-               ) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode
-        attrs.st_mode = mode
-        attrs.st_nlink = nlink
-        attrs.st_size = size
-        attrs.st_uid = 0
-        attrs.st_gid = self.admin_gid or 0
-        attrs.st_blksize = 4096
-        attrs.entry_timeout = timeout
-        attrs.attr_timeout = timeout
-        stamp = _ns(times[1]) if times else self._started_ns
-        attrs.st_ctime_ns = attrs.st_mtime_ns = attrs.st_atime_ns = stamp
+    async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = self.ns.fixed_attrs(inode)
+        if attrs is not None:
+            return attrs
+        if inode in (inodes.POOL_FILE, inodes.SNAPSHOTS_FILE):
+            # The size of the last rendering (files are read with direct_io, to
+            # their end whatever the size says): a stat need not render 10,000
+            # snapshots.
+            if inode not in self._control_sizes:
+                self._control_sizes[inode] = len(await self._control_content(inode))
+            return self.ns.attrs(inode, stat.S_IFREG | 0o444,
+                                 size=self._control_sizes[inode], timeout=0)
+        attrs = self.ns.snapshot_attrs(inode)
+        if attrs is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return attrs
 
-    def _node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
-        permissions = 0o755 if info.kind is Kind.ACTIVE else 0o555
-        return self._attrs(self._node_inode(info), stat.S_IFDIR | permissions,
-                           nlink=2 + self.engine.child_count(info.key),
-                           times=(info.created, info.updated))
-
-    def _fs_target(self, info: Info) -> bytes:
-        return os.fsencode(self.engine.mount_path(info.device_id))
-
-    def _by_name_target(self, info: Info) -> bytes:
-        return os.fsencode("../../" + "/".join(reversed(self._node_path(info))))
-
-    async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
-        if inode == inodes.ROOT:
-            return self._attrs(inode, stat.S_IFDIR | 0o755,
-                               nlink=3 + self.engine.child_count(None))
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
-            return self._attrs(inode, stat.S_IFDIR | 0o555,
-                               nlink=3 if inode == inodes.CONTROL_DIR else 2, timeout=0)
-        if inode in (inodes.POOL_FILE, inodes.SNAPSHOTS_FILE):
-            content = await self._control_content(inode)
-            return self._attrs(inode, stat.S_IFREG | 0o444, size=len(content), timeout=0)
-        found = self._snapshot(inode)
-        if found is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        role, info = found
-        if role is Role.NODE:
-            return self._node_attrs(info)
-        target = self._fs_target(info) if role is Role.FS_LINK else self._by_name_target(info)
-        timeout = NODE_TIMEOUT if role is Role.FS_LINK else 0
-        return self._attrs(inode, stat.S_IFLNK | 0o777, size=len(target), timeout=timeout,
-                           times=(info.created, info.updated))
-
+    @failsafe
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         return await self._getattr(inode)
 
+    @failsafe
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         current = await self._getattr(inode)
-        path = self._path(inode)
+        path = self.ns.path(inode)
         self._check_admin(ctx, "setattr", path)
         # mkdir -m may chmod the new node to the mode it already has: allow that.
         unchanged = (fields.update_mode and stat.S_IMODE(attr.st_mode)
@@ -235,77 +111,49 @@ class DmfsOperations(pyfuse3.Operations):
         return current
 
     # ------------------------------------------------------------------ lookup
+    @failsafe
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        inode = self._child_inode(parent_inode, name)
+        inode = self.ns.child_inode(parent_inode, name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs = await self._getattr(inode)
         self.inodes.looked_up(inode)
         return attrs
 
-    def _child_inode(self, parent_inode: int, name: bytes) -> int | None:
-        """The inode of ``name`` in a directory of the tree, or None."""
-        if parent_inode == inodes.CONTROL_DIR:
-            return CONTROL_ENTRIES.get(name)
-        if parent_inode == inodes.BY_NAME_DIR:
-            info = self._info_by_name(name)
-            return self.inodes.inode(Role.BY_NAME, info.identity) if info else None
-        if parent_inode == inodes.ROOT:
-            if name == CONTROL:
-                return inodes.CONTROL_DIR
-            parent_key = None
-        else:
-            parent = self._node(parent_inode)
-            if parent is None:
-                return None
-            if name == FS:
-                return self.inodes.inode(Role.FS_LINK, parent.identity)
-            parent_key = parent.key
-        info = self._info_by_name(name)
-        if info is None or info.parent != parent_key:
-            return None
-        return self._node_inode(info)
-
-    def _info_by_name(self, name: bytes) -> Info | None:
-        try:
-            return self.engine.get(decode_name(os.fsdecode(name)))
-        except BadName:
-            return None
-
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            self.inodes.forget(inode, count, still_exists=self._snapshot(inode) is not None)
+        # No reply goes back for a forget, and an exception would end the
+        # daemon: nothing may escape from here.
+        try:
+            for inode, count in inode_list:
+                self.inodes.forget(inode, count, still_exists=self.ns.snapshot(inode) is not None)
+        except Exception:
+            log.exception("unexpected error in the forget handler (ignored)")
 
     # ------------------------------------------------------------------ directories
+    @failsafe
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode == inodes.ROOT:
-            entries = [(CONTROL, inodes.CONTROL_DIR), *self._node_entries(None)]
+            entries = [(CONTROL, inodes.CONTROL_DIR), *self.ns.node_entries(None)]
         elif inode == inodes.CONTROL_DIR:
             entries = sorted(CONTROL_ENTRIES.items())
         elif inode == inodes.BY_NAME_DIR:
             entries = [(os.fsencode(encode_key(info.key)),
-                        self.inodes.inode(Role.BY_NAME, info.identity))
+                        self.inodes.inode(EntryRole.BY_NAME, info.identity))
                        for info in await self.engine.walk()]
         else:
-            node = self._node(inode)
+            node = self.ns.node(inode)
             if node is None:
-                raise pyfuse3.FUSEError(errno.ENOTDIR if self._snapshot(inode)
+                raise pyfuse3.FUSEError(errno.ENOTDIR if self.ns.snapshot(inode)
                                         else errno.ENOENT)
-            fs_link = self.inodes.inode(Role.FS_LINK, node.identity)
-            entries = [(FS, fs_link), *self._node_entries(node.key)]
+            fs_link = self.inodes.inode(EntryRole.FS_LINK, node.identity)
+            entries = [(FS, fs_link), *self.ns.node_entries(node.key)]
         fh = self._next_fh
         self._next_fh += 1
         self._listings[fh] = entries
         return fh
 
-    def _node_entries(self, parent_key: str | None) -> list[tuple[bytes, int]]:
-        # A child keyed "fs" (possible through the engine API, not through the
-        # tree) would collide with its parent's fs link: it shows only in by-name.
-        return [(os.fsencode(encode_key(info.key)), self._node_inode(info))
-                for info in self.engine.children(parent_key)
-                if parent_key is None or encode_key(info.key).encode() != FS]
-
+    @failsafe
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._listings.get(fh, [])
         for index in range(start_id, len(entries)):
@@ -318,31 +166,45 @@ class DmfsOperations(pyfuse3.Operations):
                 return
             self.inodes.looked_up(inode)
 
+    @failsafe
     async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
 
+    @failsafe
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        found = self._snapshot(inode)
-        if found is None or found[0] is Role.NODE:
+        found = self.ns.snapshot(inode)
+        if found is None or found[0] is EntryRole.NODE:
             raise pyfuse3.FUSEError(errno.EINVAL if found else errno.ENOENT)
         role, info = found
-        if role is Role.BY_NAME:
-            return self._by_name_target(info)
+        if role is EntryRole.BY_NAME:
+            return self.ns.by_name_target(info)
         try:
             return os.fsencode(await self.engine.mountpoint(info.key))
         except SnapshotError as error:
-            log.error("cannot make the files of %s available: %s", self._path(inode), error)
+            log.error("cannot make the files of %s available: %s", self.ns.path(inode), error)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     # ------------------------------------------------------------------ mkdir
+    def _new_key(self, name: bytes, operation: str, path: str) -> str:
+        """The key a new name stands for; refused (ENAMETOOLONG, EINVAL) if none."""
+        try:
+            key = decode_entry(name)
+            check_new_key(key)
+        except NameTooLong as error:
+            self._refuse(errno.ENAMETOOLONG, operation, path, str(error))
+        except BadName as error:
+            self._refuse(errno.EINVAL, operation, path, str(error))
+        return key
+
+    @failsafe
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self._path(parent_inode, name)
+        path = self.ns.path(parent_inode, name)
         self._check_admin(ctx, "mkdir", path)
         if parent_inode == inodes.ROOT:
             parent_key = None
         else:
-            parent = self._node(parent_inode)
+            parent = self.ns.node(parent_inode)
             if parent is None:
                 self._refuse(errno.EPERM, "mkdir", path, "only nodes and the root hold snapshots")
             if parent.kind is not Kind.COMMITTED:
@@ -350,11 +212,7 @@ class DmfsOperations(pyfuse3.Operations):
                              f"the parent is {parent.kind.value}; only committed snapshots "
                              "can have children")
             parent_key = parent.key
-        try:
-            key = decode_name(os.fsdecode(name))
-            check_new_key(key)
-        except BadName as error:
-            self._refuse(errno.EINVAL, "mkdir", path, str(error))
+        key = self._new_key(name, "mkdir", path)
         # No owner-write bit asks for a read-only view (mkdir -m 0555).
         make = self.engine.prepare if mode & stat.S_IWUSR else self.engine.view
         try:
@@ -363,58 +221,55 @@ class DmfsOperations(pyfuse3.Operations):
             self._engine_refusal(error, "mkdir", path)
         log.info("mkdir %s: %s snapshot %r (device %d)", path, info.kind.value, key,
                  info.device_id)
-        attrs = self._node_attrs(info)
+        attrs = self.ns.node_attrs(info)
         self.inodes.looked_up(attrs.st_ino)
         return attrs
 
     # ------------------------------------------------------------------ rename
+    @failsafe
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        path = self._path(parent_inode_old, name_old)
+        path = self.ns.path(parent_inode_old, name_old)
         self._check_admin(ctx, "rename", path)
         if flags & ~RENAME_NOREPLACE:
             self._refuse(errno.EINVAL, "rename", path,
                          "only plain renames (no RENAME_EXCHANGE or WHITEOUT)")
         if parent_inode_old != parent_inode_new:
             self._refuse(errno.EPERM, "rename", path,
-                         f"to {self._path(parent_inode_new, name_new)}: a snapshot's "
+                         f"to {self.ns.path(parent_inode_new, name_new)}: a snapshot's "
                          "lineage cannot change (rename within its directory only)")
-        source_inode = self._child_inode(parent_inode_old, name_old)
-        source = self._node(source_inode) if source_inode else None
+        source_inode = self.ns.child_inode(parent_inode_old, name_old)
+        source = self.ns.node(source_inode) if source_inode else None
         if source is None:
             if source_inode is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             self._refuse(errno.EPERM, "rename", path, "only snapshot nodes can be renamed")
-        try:
-            new_key = decode_name(os.fsdecode(name_new))
-            check_new_key(new_key)
-        except BadName as error:
-            self._refuse(errno.EINVAL, "rename", path, str(error))
+        new_key = self._new_key(name_new, "rename", path)
         if self.engine.get(new_key) is not None or (name_new == FS and parent_inode_new
                                                      != inodes.ROOT):
             self._refuse(errno.EEXIST, "rename", path,
-                         f"{os.fsdecode(name_new)!r} exists; renames never replace")
+                         f"{display(name_new)!r} exists; renames never replace")
+        if source.kind is Kind.VIEW:
+            self._refuse(errno.EPERM, "rename", path, "a view cannot be committed or renamed")
         try:
             if source.kind is Kind.ACTIVE:
                 info = await self.engine.commit(new_key, source.key)
                 log.info("committed %r as %r", source.key, new_key)
-            elif source.kind is Kind.COMMITTED:
+            else:
                 info = await self.engine.rename(source.key, new_key)
                 log.info("renamed %r to %r", source.key, new_key)
-            else:
-                self._refuse(errno.EPERM, "rename", path, "a view cannot be committed or "
-                             "renamed")
         except SnapshotError as error:
             self._engine_refusal(error, "rename", path)
         # Mode (commit) and times changed: the kernel would keep the old ones.
-        self._invalidate(self._node_inode(info))
+        self._invalidate(self.ns.node_inode(info))
 
     # ------------------------------------------------------------------ rmdir
+    @failsafe
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._path(parent_inode, name)
+        path = self.ns.path(parent_inode, name)
         self._check_admin(ctx, "rmdir", path)
-        inode = self._child_inode(parent_inode, name)
-        node = self._node(inode) if inode else None
+        inode = self.ns.child_inode(parent_inode, name)
+        node = self.ns.node(inode) if inode else None
         if node is None:
             if inode is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -429,30 +284,35 @@ class DmfsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ refused
     async def _refuse_change(self, operation: str, parent_inode: int, name: bytes,
                              ctx: pyfuse3.RequestContext) -> NoReturn:
-        path = self._path(parent_inode, name)
+        path = self.ns.path(parent_inode, name)
         self._check_admin(ctx, operation, path)
         what = "the fs entry belongs to its node" if name == FS else (
             "the tree holds only snapshot nodes; files go under a node's fs")
         self._refuse(errno.EPERM, operation, path, what)
 
+    @failsafe
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if self._child_inode(parent_inode, name) is None:
+        if self.ns.child_inode(parent_inode, name) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         await self._refuse_change("unlink", parent_inode, name, ctx)
 
+    @failsafe
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._refuse_change("symlink", parent_inode, name, ctx)
 
+    @failsafe
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._refuse_change("mknod", parent_inode, name, ctx)
 
+    @failsafe
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                           pyfuse3.EntryAttributes]:
         await self._refuse_change("create", parent_inode, name, ctx)
 
+    @failsafe
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._refuse_change("link", new_parent_inode, new_name, ctx)
@@ -460,26 +320,19 @@ class DmfsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ .dmfs files
     async def _control_content(self, inode: int) -> bytes:
         if inode == inodes.POOL_FILE:
-            info = await self.engine.pool_info()
-            lines = [f"{key}: {_scalar(value)}" for key, value in info.items()]
-            return ("\n".join(lines) + "\n").encode()
-        snapshots = []
-        for info in await self.engine.walk():
-            usage = info.usage if info.kind is Kind.COMMITTED else (
-                await self.engine.usage(info.key)).size
-            snapshots.append({
-                "name": info.key, "kind": info.kind.value, "parent": info.parent,
-                "device_id": info.device_id, "state": info.state.value, "usage": usage,
-                "labels": dict(info.labels), "created": info.created, "updated": info.updated})
-        document = {"pool": self.engine.config.pool_name, "snapshots": snapshots}
-        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+            content = await control.pool_file(self.engine)
+        else:
+            content = await control.snapshots_file(self.engine)
+        self._control_sizes[inode] = len(content)
+        return content
 
+    @failsafe
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         if inode not in (inodes.POOL_FILE, inodes.SNAPSHOTS_FILE):
-            raise pyfuse3.FUSEError(errno.EISDIR if self._node(inode) else errno.EINVAL)
+            raise pyfuse3.FUSEError(errno.EISDIR if self.ns.node(inode) else errno.EINVAL)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            self._refuse(errno.EACCES, "open for writing", self._path(inode),
+            self._refuse(errno.EACCES, "open for writing", self.ns.path(inode),
                          ".dmfs is read-only")
         fh = self._next_fh
         self._next_fh += 1
@@ -487,87 +340,66 @@ class DmfsOperations(pyfuse3.Operations):
         # The content changes behind the kernel's back: never cache it.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
+    @failsafe
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return self._open_files.get(fh, b"")[off:off + size]
 
+    @failsafe
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
 
     # ------------------------------------------------------------------ xattrs
+    @failsafe
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._node(inode)
-        text = os.fsdecode(name)
+        node = self.ns.node(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        if text.startswith(LABEL_PREFIX):
-            value = node.labels.get(text[len(LABEL_PREFIX):])
-            if value is None:
-                raise pyfuse3.FUSEError(errno.ENODATA)
-            return value.encode()
-        if text.startswith(INFO_PREFIX) and text[len(INFO_PREFIX):] in INFO_ATTRIBUTES:
-            return (await self._info_attribute(node, text[len(INFO_PREFIX):])).encode()
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        return await xattrs.value_of(self.engine, node, name)
 
-    async def _info_attribute(self, node: Info, field: str) -> str:
-        if field == "usage":
-            return str((await self.engine.usage(node.key)).size)
-        value: Any = {"kind": node.kind.value, "parent": node.parent or "",
-                      "id": node.device_id, "state": node.state.value,
-                      "created": node.created, "updated": node.updated}[field]
-        return str(value)
-
+    @failsafe
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = self._node(inode)
-        if node is None:
-            return []
-        return ([f"{INFO_PREFIX}{field}".encode() for field in INFO_ATTRIBUTES]
-                + [f"{LABEL_PREFIX}{label}".encode() for label in sorted(node.labels)])
+        node = self.ns.node(inode)
+        return xattrs.names_of(node) if node is not None else []
 
+    @failsafe
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         await self._update_label(inode, name, value, ctx, "setxattr")
 
+    @failsafe
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._update_label(inode, name, None, ctx, "removexattr")
 
     async def _update_label(self, inode: int, name: bytes, value: bytes | None,
                             ctx: pyfuse3.RequestContext, operation: str) -> None:
-        text = os.fsdecode(name)
-        path = f"{self._path(inode)} [{text}]"
+        path = f"{self.ns.path(inode)} [{display(name)}]"
         self._check_admin(ctx, operation, path)
-        node = self._node(inode)
+        node = self.ns.node(inode)
         if node is None:
             self._refuse(errno.ENOTSUP, operation, path, "only snapshot nodes have labels")
-        if text.startswith(INFO_PREFIX):
-            self._refuse(errno.EPERM, operation, path, "user.dmfs.* attributes are read-only")
-        if not text.startswith(LABEL_PREFIX) or len(text) == len(LABEL_PREFIX):
-            self._refuse(errno.ENOTSUP, operation, path,
-                         f"labels are {LABEL_PREFIX}<key>; nothing else can be set")
-        label = text[len(LABEL_PREFIX):]
-        if value is None and label not in node.labels:
-            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
-            decoded = value.decode() if value is not None else None
-        except UnicodeDecodeError:
-            self._refuse(errno.EINVAL, operation, path, "label values must be UTF-8 text")
+            label, text = xattrs.label_change(node, name, value)
+        except xattrs.Refused as refusal:
+            if refusal.code == errno.ENODATA:  # nothing to remove: an answer, not a refusal
+                raise pyfuse3.FUSEError(errno.ENODATA) from None
+            self._refuse(refusal.code, operation, path, str(refusal))
         try:
-            await self.engine.update(node.key, {label: decoded})
+            await self.engine.update(node.key, {label: text})
         except SnapshotError as error:
             self._engine_refusal(error, operation, path)
-        self._invalidate(self._node_inode(node))
+        self._invalidate(self.ns.node_inode(node))
 
     # ------------------------------------------------------------------ misc
+    @failsafe
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if not mode & os.W_OK:
             return True
         if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR, inodes.POOL_FILE,
                      inodes.SNAPSHOTS_FILE):
             return False
-        if ctx.uid == 0:
-            return True
-        return self.admin_gid is not None and (
-            ctx.gid == self.admin_gid or self.admin_gid in _groups_of(ctx.pid))
+        return is_admin(ctx, self.admin_gid)
 
+    @failsafe
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         info = await self.engine.pool_info()
         result = pyfuse3.StatvfsData()
@@ -578,15 +410,3 @@ class DmfsOperations(pyfuse3.Operations):
         result.f_ffree = result.f_favail = max(0, result.f_files - info["devices"])
         result.f_namemax = 255
         return result
-
-
-def _scalar(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "none"
-    return str(value)

@@ -1,0 +1,56 @@
+"""The read-only files under ``.dmfs``: what they say, rendered from one look.
+
+``.dmfs/pool`` is the pool's summary, one ``key: value`` per line;
+``.dmfs/snapshots.json`` is containerd's Walk: every snapshot with its usage.
+Each rendering starts from one consistent view of the engine (taken on the
+trio thread without waiting), and the usage of active snapshots is read for
+all of them at once; a device that changes state meanwhile (a commit
+deactivates it) cannot make the file fail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dmfs.pool.metadata import Kind
+from dmfs.pool.snapshotter import Info, Snapshotter
+
+
+def scalar(value: Any) -> str:
+    """A value of the pool summary as ``.dmfs/pool`` writes it."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def render_pool(summary: Mapping[str, Any]) -> bytes:
+    return ("".join(f"{key}: {scalar(value)}\n" for key, value in summary.items())).encode()
+
+
+def render_snapshots(pool_name: str, infos: Sequence[Info], usages: Mapping[str, int]
+                     ) -> bytes:
+    snapshots = [{
+        "name": info.key, "kind": info.kind.value, "parent": info.parent,
+        "device_id": info.device_id, "state": info.state.value,
+        "usage": info.usage if info.kind is Kind.COMMITTED else usages.get(info.key, 0),
+        "labels": dict(info.labels), "created": info.created, "updated": info.updated,
+    } for info in infos]
+    document = {"pool": pool_name, "snapshots": snapshots}
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+async def pool_file(engine: Snapshotter) -> bytes:
+    return render_pool(await engine.pool_info())
+
+
+async def snapshots_file(engine: Snapshotter) -> bytes:
+    infos = await engine.walk()
+    return render_snapshots(engine.config.pool_name, infos, await engine.usages(infos))

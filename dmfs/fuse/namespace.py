@@ -1,0 +1,177 @@
+"""The tree's namespace: which snapshot an inode or a name stands for, and the
+attributes the kernel sees, all from the engine's in-memory state (no I/O).
+
+Kept apart from the handlers (:mod:`dmfs.fuse.operations`) so that the rules
+of the tree (DESIGN.md §1: nodes, ``fs`` links, ``.dmfs``, names) can be read,
+and tested on the host with a fake engine, without FUSE.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from datetime import datetime
+
+import pyfuse3
+
+from dmfs.fuse import inodes
+from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole, InodeTable
+from dmfs.fuse.names import BadName, decode_entry, display, encode_key
+from dmfs.pool.metadata import Kind
+from dmfs.pool.snapshotter import Info, Snapshotter
+
+#: how long the kernel may cache node entries and attributes; every change made
+#: through the tree keeps the cache right (the kernel's own or an invalidation)
+NODE_TIMEOUT = 300.0
+FS = b"fs"
+CONTROL = b".dmfs"
+
+
+def _ns(stamp: str) -> int:
+    try:
+        return int(datetime.fromisoformat(stamp).timestamp() * 1e9)
+    except ValueError:
+        return 0
+
+
+class Namespace:
+    """Inodes and names of the tree, resolved against the engine."""
+
+    def __init__(self, engine: Snapshotter, admin_gid: int | None = None) -> None:
+        self.engine = engine
+        self.admin_gid = admin_gid
+        self.inodes = InodeTable()
+        self._started_ns = time.time_ns()  # the times of the root and .dmfs
+
+    # ------------------------------------------------------------------ resolving
+    def snapshot(self, inode: int) -> tuple[EntryRole, Info] | None:
+        """The snapshot entry (node, fs link, by-name link) an inode stands for."""
+        entry = self.inodes.get(inode)
+        if entry is None:
+            return None
+        info = self.engine.by_device(entry.identity[0])
+        if info is None or info.identity != entry.identity:
+            return None
+        return entry.role, info
+
+    def node(self, inode: int) -> Info | None:
+        found = self.snapshot(inode)
+        return found[1] if found and found[0] is EntryRole.NODE else None
+
+    def node_inode(self, info: Info) -> int:
+        return self.inodes.inode(EntryRole.NODE, info.identity)
+
+    def info_by_name(self, name: bytes) -> Info | None:
+        try:
+            return self.engine.get(decode_entry(name))
+        except BadName:
+            return None
+
+    def child_inode(self, parent_inode: int, name: bytes) -> int | None:
+        """The inode of ``name`` in a directory of the tree, or None."""
+        if parent_inode == inodes.CONTROL_DIR:
+            return CONTROL_ENTRIES.get(name)
+        if parent_inode == inodes.BY_NAME_DIR:
+            info = self.info_by_name(name)
+            return self.inodes.inode(EntryRole.BY_NAME, info.identity) if info else None
+        if parent_inode == inodes.ROOT:
+            if name == CONTROL:
+                return inodes.CONTROL_DIR
+            parent_key = None
+        else:
+            parent = self.node(parent_inode)
+            if parent is None:
+                return None
+            if name == FS:
+                return self.inodes.inode(EntryRole.FS_LINK, parent.identity)
+            parent_key = parent.key
+        info = self.info_by_name(name)
+        if info is None or info.parent != parent_key:
+            return None
+        return self.node_inode(info)
+
+    def node_entries(self, parent_key: str | None) -> list[tuple[bytes, int]]:
+        """The child nodes of a node (None: the root) as (name, inode)."""
+        # A child keyed "fs" (possible through the engine API, not through the
+        # tree) would collide with its parent's fs link: it shows only in by-name.
+        return [(os.fsencode(encode_key(info.key)), self.node_inode(info))
+                for info in self.engine.children(parent_key)
+                if parent_key is None or encode_key(info.key).encode() != FS]
+
+    def path(self, inode: int, name: bytes | None = None) -> str:
+        """The path in the tree, for log lines."""
+        parts: list[str] = []
+        if name is not None:
+            parts.append(display(name))
+        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
+            parts.append(".dmfs" if inode == inodes.CONTROL_DIR else ".dmfs/by-name")
+        elif inode != inodes.ROOT:
+            found = self.snapshot(inode)
+            if found:
+                role, info = found
+                if role is EntryRole.FS_LINK:
+                    parts.append("fs")
+                parts.extend(self.node_path(info))
+        return "/" + "/".join(reversed(parts))
+
+    def node_path(self, info: Info) -> list[str]:
+        """Encoded names from the node up to the root (innermost first)."""
+        names, current = [], info
+        while current is not None:
+            names.append(encode_key(current.key))
+            current = self.engine.get(current.parent) if current.parent else None
+        return names
+
+    # ------------------------------------------------------------------ attributes
+    def attrs(self, inode: int, mode: int, *, size: int = 0, nlink: int = 1,
+              timeout: float = NODE_TIMEOUT, times: tuple[str, str] | None = None
+              ) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        attrs.st_mode = mode
+        attrs.st_nlink = nlink
+        attrs.st_size = size
+        attrs.st_uid = 0
+        attrs.st_gid = self.admin_gid or 0
+        attrs.st_blksize = 4096
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        stamp = _ns(times[1]) if times else self._started_ns
+        attrs.st_ctime_ns = attrs.st_mtime_ns = attrs.st_atime_ns = stamp
+        return attrs
+
+    def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
+        permissions = 0o755 if info.kind is Kind.ACTIVE else 0o555
+        return self.attrs(self.node_inode(info), stat.S_IFDIR | permissions,
+                          nlink=2 + self.engine.child_count(info.key),
+                          times=(info.created, info.updated))
+
+    def fs_target(self, info: Info) -> bytes:
+        return os.fsencode(self.engine.mount_path(info.device_id))
+
+    def by_name_target(self, info: Info) -> bytes:
+        return os.fsencode("../../" + "/".join(reversed(self.node_path(info))))
+
+    def fixed_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        """The attributes of the root and the .dmfs directories (None: not one)."""
+        if inode == inodes.ROOT:
+            return self.attrs(inode, stat.S_IFDIR | 0o755,
+                              nlink=3 + self.engine.child_count(None))
+        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
+            return self.attrs(inode, stat.S_IFDIR | 0o555,
+                              nlink=3 if inode == inodes.CONTROL_DIR else 2, timeout=0)
+        return None
+
+    def snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        """The attributes of a node or link (None: no such inode)."""
+        found = self.snapshot(inode)
+        if found is None:
+            return None
+        role, info = found
+        if role is EntryRole.NODE:
+            return self.node_attrs(info)
+        target = self.fs_target(info) if role is EntryRole.FS_LINK else self.by_name_target(info)
+        timeout = NODE_TIMEOUT if role is EntryRole.FS_LINK else 0
+        return self.attrs(inode, stat.S_IFLNK | 0o777, size=len(target), timeout=timeout,
+                          times=(info.created, info.updated))
