@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from dmfs.cli import (
+from dmfs.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     OperationFailed,
@@ -39,7 +39,7 @@ from dmfs.units import format_size
 log = logging.getLogger("dmfs.cli")
 
 
-def add_engine_parsers(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     def command(name: str, help_text: str, description: str, example: str
                 ) -> argparse.ArgumentParser:
         parser = add_command(commands, name, help_text, description, [example])

@@ -22,7 +22,13 @@ from pathlib import Path
 import trio
 
 from dmfs import sdnotify
-from dmfs.cli import EXIT_FAILED, EXIT_OK, UsageError, add_command
+from dmfs.cli.common import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_command,
+)
 from dmfs.config import Config, load_config
 from dmfs.fuse.mount import serve
 from dmfs.pool import fs
@@ -50,7 +56,7 @@ FUSE_OPTIONS = frozenset({"nodev", "nosuid", "noexec"})
 PIDFILE = "dmfs.pid"
 
 
-def add_mount_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     mount = add_command(
         commands, "mount", "mount the snapshot tree",
         (
@@ -203,7 +209,7 @@ def _daemonize(config: Config, mountpoint: Path, fuse: set[str]) -> int:
         code = _daemon_main(config, mountpoint, fuse, write_end)
     except EnvironmentProblem as error:
         log.error("%s", error)
-        code = 3
+        code = EXIT_ENVIRONMENT
     except BaseException:
         log.exception("dmfs daemon failed")
     finally:

@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dmfs.cli import EXIT_OK, OperationFailed, add_command
-from dmfs.cli_mount import PIDFILE, wait_for_exit
+from dmfs.cli.common import EXIT_OK, OperationFailed, add_command
+from dmfs.cli.mount import PIDFILE, wait_for_exit
 from dmfs.pooladmin import create_loop_pool, destroy_pool, plan_loop_pool
 from dmfs.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
 from dmfs.units import parse_size
@@ -54,7 +54,7 @@ TOUR: list[tuple[str, str, bool]] = [
 CLEANUP = "rmdir base-v1/app-v1/look base-v1/app-v1 base-v1 && ls -A"
 
 
-def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     demo = add_command(
         commands, "demo", "a guided tour on a throw-away pool",
         (
