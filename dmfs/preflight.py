@@ -9,7 +9,6 @@ missing and what to do about it.  The ``dmfs pool`` commands use them now; the
 
 from __future__ import annotations
 
-import difflib
 import errno
 import os
 import shutil
@@ -19,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from dmfs.pool.dm import DeviceMapper, DmError, NoSuchDevice, Target
+from dmfs.pool.dm import DeviceMapper, DmError, Target
 from dmfs.pool.drivers import DRIVERS, open_driver
+from dmfs.pool.errors import PoolError
+from dmfs.pool.thinpool import find_thin_pool
 
 DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
@@ -114,36 +115,12 @@ def require_fuse(device: Path = FUSE_DEVICE) -> None:
                                  f"`mknod {device} c 10 229`")
 
 
-def _lvm_pool_hint(dm: DeviceMapper, name: str) -> str:
-    """A hint when ``name`` is an LVM thin pool's public face rather than its pool device."""
-    candidate = f"{name}-tpool"
-    try:
-        table = dm.table(candidate)
-    except DmError:
-        return ""
-    if len(table) == 1 and table[0].target_type == "thin-pool":
-        return f"; LVM calls the thin-pool device of this pool {candidate!r}: use that name"
-    return ""
-
-
 def require_thin_pool(dm: DeviceMapper, name: str) -> Target:
     """The live table line of thin pool ``name``; EnvironmentProblem if it is not one."""
     try:
-        table = dm.table(name)
-    except NoSuchDevice:
-        devices = list(dm.list_devices())
-        close = difflib.get_close_matches(name, devices, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise EnvironmentProblem(
-            f"thin pool {name!r} not found (no device-mapper device of that name): create "
-            f"it with `dmfs pool create` or as contrib/PRODUCTION-POOL.md shows, and check "
-            f"the name with `dmsetup ls`{hint}") from None
-    if len(table) == 1 and table[0].target_type == "thin-pool":
-        return table[0]
-    kinds = ", ".join(sorted({target.target_type for target in table})) or "no table"
-    raise EnvironmentProblem(
-        f"device {name!r} is not a thin-pool (its table has: {kinds})"
-        f"{_lvm_pool_hint(dm, name)}")
+        return find_thin_pool(dm, name)
+    except PoolError as error:
+        raise EnvironmentProblem(str(error)) from None
 
 
 def _unescape_mountinfo(field: str) -> str:

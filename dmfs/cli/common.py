@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TextIO
 
 from dmfs.config import LOG_LEVELS, dm_name_problem
 from dmfs.pool.drivers import DRIVERS
-from dmfs.pooladmin import LowWater
+from dmfs.pool.geometry import LowWater
 from dmfs.units import parse_size
 
 EXIT_OK = 0

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from dmfs.cli.common import EXIT_OK, OperationFailed, add_command
 from dmfs.cli.mount import PIDFILE, wait_for_exit
-from dmfs.pooladmin import create_loop_pool, destroy_pool, plan_loop_pool
+from dmfs.cli.pool import created_lines, destroyed_lines
+from dmfs.pool.geometry import plan_loop_pool
+from dmfs.pool.loopback import create_loop_pool, destroy_pool
 from dmfs.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
 from dmfs.units import parse_size
 
@@ -107,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         spec = plan_loop_pool(name, work, parse_size(args.size))
         print(f"$ dmfs pool create --loopback {work} --size {args.size} --name {name}")
-        print("\n".join(create_loop_pool(dm, spec).lines()))
+        print("\n".join(created_lines(create_loop_pool(dm, spec))))
         config.write_text(
             f'[dmfs]\npool_name = "{name}"\nbase_image_size = "128MiB"\n'
             f'root_path = "{work / "state"}"\nruntime_path = "{work / "run"}"\n')
@@ -137,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
             _unmount(tree, work, lazy=True)
         print(f"$ dmfs pool destroy --name {name} --loopback {work}")
         try:
-            print("\n".join(destroy_pool(dm, name, loopback_dir=work).lines()))
+            print("\n".join(destroyed_lines(destroy_pool(dm, name, loopback_dir=work))))
         except Exception as error:  # the pool may not exist when creation failed
             print(f"(pool {name}: {error})")
         dm.close()

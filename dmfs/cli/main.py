@@ -24,7 +24,7 @@ from dmfs.cli.common import (
 )
 from dmfs.config import ConfigError
 from dmfs.pool.dm import DmError
-from dmfs.pooladmin import PoolAdminError
+from dmfs.pool.errors import PoolAdminError
 from dmfs.preflight import EnvironmentProblem
 
 #: Every command family, in the order ``dmfs --help`` lists their commands.

@@ -21,16 +21,16 @@ from dmfs.cli.common import (
     pool_name_argument,
     size_argument,
 )
-from dmfs.pooladmin import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_LOW_WATER,
-    LowWater,
-    PoolSpecError,
-    create_loop_pool,
-    destroy_pool,
-    plan_loop_pool,
+from dmfs.pool.errors import PoolError, PoolSpecError
+from dmfs.pool.geometry import DEFAULT_BLOCK_SIZE, DEFAULT_LOW_WATER, LowWater, plan_loop_pool
+from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
+from dmfs.preflight import (
+    EnvironmentProblem,
+    open_device_mapper,
+    require_device_mapper,
+    require_root,
+    require_tool,
 )
-from dmfs.preflight import open_device_mapper, require_device_mapper, require_root, require_tool
 from dmfs.units import SIZE_EXAMPLES, format_size
 
 
@@ -115,7 +115,7 @@ def run_pool_create(args: argparse.Namespace) -> int:
     dm = open_device_mapper(args.driver)
     require_tool("losetup", "util-linux")
     report = create_loop_pool(dm, spec, overcommit=args.overcommit)
-    emit(args, report.as_dict(), report.lines())
+    emit(args, report.as_dict(), created_lines(report))
     return EXIT_OK
 
 
@@ -124,6 +124,39 @@ def run_pool_destroy(args: argparse.Namespace) -> int:
     require_device_mapper()
     dm = open_device_mapper(args.driver)
     require_tool("losetup", "util-linux")
-    report = destroy_pool(dm, args.name, loopback_dir=args.loopback)
-    emit(args, report.as_dict(), report.lines())
+    try:
+        report = destroy_pool(dm, args.name, loopback_dir=args.loopback)
+    except PoolError as error:  # no such pool, or not a thin pool
+        raise EnvironmentProblem(str(error)) from None
+    emit(args, report.as_dict(), destroyed_lines(report))
     return EXIT_OK
+
+
+def created_lines(report: PoolReport) -> list[str]:
+    """What ``pool create`` found or made, for people."""
+    verb = ("re-activated from its files" if report.reactivated
+            else "created" if report.created else "already exists")
+    percent = 100 * report.low_water_blocks / max(report.total_data_blocks, 1)
+    metadata_size = format_size(report.metadata_size) if report.metadata_size else "?"
+    return [
+        f"pool {report.name} {verb}: {report.device}",
+        f"  data       {report.data_file or '-'} on {report.data_device}, "
+        f"{format_size(report.data_size)} = {report.total_data_blocks} blocks of "
+        f"{format_size(report.block_size)}, {report.used_data_blocks} used",
+        f"  metadata   {report.metadata_file or '-'} on {report.metadata_device}, "
+        f"{metadata_size}",
+        f"  low water  {report.low_water_blocks} blocks ({percent:.3g}% of the data blocks)",
+        f"  features   {' '.join(report.features) or '-'}; mode {report.mode}",
+    ]
+
+
+def destroyed_lines(report: DestroyReport) -> list[str]:
+    """What ``pool destroy`` did, for people."""
+    lines = [f"pool {report.name} removed" if report.removed
+             else f"pool {report.name} was not active"]
+    if report.used_data_blocks is not None and report.block_size:
+        lines.append(f"  it held {format_size(report.used_data_blocks * report.block_size)} "
+                     f"of data ({report.used_data_blocks} blocks)")
+    lines += [f"  detached {device}" for device in report.detached]
+    lines += [f"  deleted  {path}" for path in report.deleted]
+    return lines

@@ -45,3 +45,14 @@ class PoolError(SnapshotError):
 
 class JournalCorrupt(SnapshotError):
     """A record in the middle of the journal is damaged; start refused."""
+
+
+# ---- creating and destroying pools (dmfs.pool.loopback) -----------------------------
+
+
+class PoolSpecError(ValueError):
+    """The requested pool geometry is impossible (a usage error)."""
+
+
+class PoolAdminError(Exception):
+    """Creating or destroying a pool failed; the message says why and what to do."""
