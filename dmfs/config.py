@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dmfs.pool.drivers import DRIVERS
-from dmfs.units import SIZE_EXAMPLES, format_size, parse_duration, parse_size
+from dmfs.units import SECTOR_SIZE, SIZE_EXAMPLES, format_size, parse_duration, parse_size
 
 try:
     import tomllib
@@ -122,7 +122,6 @@ MAX_POOL_NAME = 100
 _DM_NAME_RE = re.compile(r"[A-Za-z0-9#+\-.:=@_]+")
 _RESERVED_DM_NAMES = (".", "..", "control")
 MIN_BASE_IMAGE_SIZE = 1024**2
-SECTOR_SIZE = 512
 # Keys of containerd's older devmapper config that made it create the pool itself.
 _CONTAINERD_POOL_KEYS = ("data_device", "meta_device", "data_block_size")
 _TOML_TYPE_NAMES = {str: "string", int: "integer", float: "float", bool: "boolean",

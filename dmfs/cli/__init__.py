@@ -4,6 +4,8 @@
   OperationFailed, logging, :func:`~.common.emit`, argument types,
   :func:`~.common.add_command` and the ``--json`` / ``--driver`` options.  It
   imports no command module.
+- :mod:`.preflight`: the checks of the machine a command runs before it touches
+  anything (root, device-mapper, FUSE, a tool, the pool, the mountpoint).
 - the command families: :mod:`.mount` (``mount``, also the program behind
   ``mount -t fuse.dmfs``), :mod:`.inspect` (``status``, ``tree``, ``check``),
   :mod:`.pool` (``pool create``, ``pool destroy``), :mod:`.config` (``config``),
@@ -15,7 +17,7 @@ Adding a command: write a module whose ``add_parser(commands)`` adds its
 sub-parser with :func:`~.common.add_command` (the logging options, the examples
 and the exit statuses come with it) and ``set_defaults(run=<function>)``, and
 list the module in ``COMMANDS`` in :mod:`.main`.  ``run(args) -> int`` checks
-the machine with :mod:`dmfs.preflight` before it touches anything, and returns
+the machine with :mod:`.preflight` before it touches anything, and returns
 the exit status or raises: ConfigError / UsageError -> 2, EnvironmentProblem ->
 3, OperationFailed / PoolAdminError / DmError / OSError -> 1; :func:`main` logs
 the one-line message.  A command translates the engine errors it expects into

@@ -23,17 +23,17 @@ from dmfs.cli.common import (
     emit,
     json_option,
 )
-from dmfs.config import Config, load_config
-from dmfs.pool.dm import DeviceMapper
-from dmfs.pool.errors import JournalCorrupt, PoolError
-from dmfs.pool.inspect import Inspection, inspect_pool, tree_of
-from dmfs.pool.snapshotter import Snapshotter
-from dmfs.preflight import (
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
     require_root,
 )
+from dmfs.config import Config, load_config
+from dmfs.pool.dm import DeviceMapper
+from dmfs.pool.errors import JournalCorrupt, PoolError
+from dmfs.pool.inspect import Inspection, inspect_pool, tree_of
+from dmfs.pool.snapshotter import Snapshotter
 from dmfs.units import format_size
 
 log = logging.getLogger("dmfs.cli")

@@ -22,10 +22,10 @@ from dmfs.cli.common import (
     log,
     setup_logging,
 )
+from dmfs.cli.preflight import EnvironmentProblem
 from dmfs.config import ConfigError
 from dmfs.pool.dm import DmError
 from dmfs.pool.errors import PoolAdminError
-from dmfs.preflight import EnvironmentProblem
 
 #: Every command family, in the order ``dmfs --help`` lists their commands.
 COMMANDS = (mount, inspect, pool, config, demo)

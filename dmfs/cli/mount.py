@@ -29,11 +29,7 @@ from dmfs.cli.common import (
     UsageError,
     add_command,
 )
-from dmfs.config import Config, load_config
-from dmfs.fuse.mount import serve
-from dmfs.pool import fs
-from dmfs.pool.errors import PoolError, SnapshotError
-from dmfs.preflight import (
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
@@ -42,6 +38,10 @@ from dmfs.preflight import (
     require_root,
     require_thin_pool,
 )
+from dmfs.config import Config, load_config
+from dmfs.fuse.mount import serve
+from dmfs.pool import fs
+from dmfs.pool.errors import PoolError, SnapshotError
 from dmfs.units import parse_duration
 
 log = logging.getLogger("dmfs.mount")

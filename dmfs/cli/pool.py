@@ -21,16 +21,16 @@ from dmfs.cli.common import (
     pool_name_argument,
     size_argument,
 )
-from dmfs.pool.errors import PoolError, PoolSpecError
-from dmfs.pool.geometry import DEFAULT_BLOCK_SIZE, DEFAULT_LOW_WATER, LowWater, plan_loop_pool
-from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
-from dmfs.preflight import (
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
     require_root,
     require_tool,
 )
+from dmfs.pool.errors import PoolError, PoolSpecError
+from dmfs.pool.geometry import DEFAULT_BLOCK_SIZE, DEFAULT_LOW_WATER, LowWater, plan_loop_pool
+from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
 from dmfs.units import SIZE_EXAMPLES, format_size
 
 

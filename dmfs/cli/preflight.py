@@ -16,8 +16,8 @@ import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
+from dmfs.pool import fs
 from dmfs.pool.dm import DeviceMapper, DmError, Target
 from dmfs.pool.drivers import DRIVERS, open_driver
 from dmfs.pool.errors import PoolError
@@ -27,7 +27,6 @@ DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
 SYS_MODULE = Path("/sys/module")
 THIN_POOL_MODULE = "dm_thin_pool"
-MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 class EnvironmentProblem(Exception):
@@ -123,33 +122,6 @@ def require_thin_pool(dm: DeviceMapper, name: str) -> Target:
         raise EnvironmentProblem(str(error)) from None
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(escaped, char)
-    return field
-
-
-class Mount(NamedTuple):
-    """One line of /proc/self/mountinfo, the parts dmfs looks at."""
-
-    devnum: str  # "major:minor" of the mounted device
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def mounts() -> list[Mount]:
-    """Every mount of this process's mount namespace."""
-    entries = []
-    for line in MOUNTINFO.read_text().splitlines():
-        fields = line.split()
-        separator = fields.index("-")
-        entries.append(Mount(fields[2], _unescape_mountinfo(fields[4]), fields[separator + 1],
-                             _unescape_mountinfo(fields[separator + 2])))
-    return entries
-
-
 def require_mountpoint(path: Path) -> Path:
     """Make sure ``path`` is an existing directory with nothing mounted on it.
 
@@ -170,10 +142,10 @@ def require_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(mode):
         raise EnvironmentProblem(f"mountpoint {path} is not a directory")
     resolved = path.resolve()
-    for mount in mounts():
-        if mount.mountpoint == str(resolved):
+    for mount in fs.mountinfo():
+        if mount.mountpoint == resolved:
             raise EnvironmentProblem(
-                f"mountpoint {path} is busy: {mount.source} ({mount.fstype}) is already "
+                f"mountpoint {path} is busy: {mount.source} ({mount.fs_type}) is already "
                 f"mounted there; "
                 f"unmount it first (findmnt {resolved})")
     return resolved
