@@ -68,7 +68,8 @@ class Config:
     mountpoint: Path | None = None
     #: group whose members may mkdir/mv/rmdir (root always may)
     admin_group: str | None = None
-    #: let every user browse the tree (FUSE allow_other + default_permissions)
+    #: let every user browse the tree (FUSE allow_other); dmfs checks who may change
+    #: it itself, without the kernel's default_permissions
     allow_other: bool = True
     #: log level name (debug, info, warning, error)
     log_level: str = "info"

@@ -1,9 +1,11 @@
 """``dmfs demo``: a guided tour on a throw-away loop-backed pool.
 
-Creates a pool on sparse files, mounts dmfs, builds layers with mkdir / cp /
-mv, makes a view, browses it, shows the refusals that protect the tree,
-removes everything in the only legal order, prints the lineage, and cleans up
-(also when a step fails).  Each step is printed as the shell command it is.
+Creates a pool on sparse files, mounts dmfs on it (``dmfs mount``, a daemon),
+builds layers with mkdir / cp / mv, makes a view, browses it, shows labels and
+the refusals that protect the tree, shows the control directory, prints the
+lineage (``dmfs tree``), removes everything in the only legal order (children
+first), unmounts and destroys the pool, also when a step fails.  Each step is
+printed as the shell command it is.
 """
 
 from __future__ import annotations

@@ -2,8 +2,13 @@
 
 Also the program behind ``mount -t fuse.dmfs CONFIG MOUNTPOINT -o OPTIONS`` and
 fstab lines of type ``fuse.dmfs``: mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o
-OPTIONS`` and waits for it, so without ``--foreground`` the command returns
-once the tree is mounted and a daemon serves it.
+OPTIONS`` (:func:`dmfs.cli.main.mount_helper_argv` reads that as ``mount``) and
+waits for it, so without ``--foreground`` the command returns once the tree is
+mounted and a daemon serves it.  With contrib/fstab.example's line, OPTIONS is
+``rw,nodev,nosuid``: libmount keeps ``x-*`` options to itself and mount.fuse3
+drops ``nofail`` and ``_netdev``.  Under systemd (contrib/systemd/dmfs@.service,
+``Type=notify``) it runs as ``dmfs mount FILE --foreground`` and notifies
+``READY=1`` once mounted, ``STOPPING=1`` on SIGTERM.
 """
 
 from __future__ import annotations

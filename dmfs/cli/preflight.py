@@ -1,10 +1,12 @@
 """Checks that the machine is ready, run before a command touches anything.
 
-Each check raises :class:`EnvironmentProblem` with one line that says what is
-missing and what to do about it.  The ``dmfs pool`` commands use them now; the
-``mount`` command is meant to call :func:`require_root`,
-:func:`require_device_mapper`, :func:`open_device_mapper`, :func:`require_fuse`,
-:func:`require_thin_pool` and :func:`require_mountpoint` in that order.
+Each check raises :class:`EnvironmentProblem` (exit status 3) with one line that
+says what is missing and what to do about it.  Every command that touches the
+kernel starts with :func:`require_root` and :func:`require_device_mapper`, then
+opens its driver with :func:`open_device_mapper`; ``mount`` goes on with
+:func:`require_fuse`, :func:`require_thin_pool` and :func:`require_mountpoint`,
+``demo`` with :func:`require_fuse`, ``pool create`` / ``pool destroy`` with
+:func:`require_tool` for losetup.
 """
 
 from __future__ import annotations
