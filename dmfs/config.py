@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmfs.pool.drivers import DRIVERS
 from dmfs.units import SECTOR_SIZE, SIZE_EXAMPLES, format_size, parse_duration, parse_size
 
 try:
@@ -114,6 +113,10 @@ CONFIG_TABLES: dict[tuple[str, ...], str] = {
         '[plugins."io.containerd.snapshotter.v1.devmapper"]',
 }
 FS_TYPES = ("ext4",)
+#: The device-mapper drivers (opened by dmfs.pool.drivers): "ioctl" speaks to
+#: /dev/mapper/control directly (default); "dmsetup" runs the command.  Defined
+#: here, not in the pool layer, because the pool imports this module.
+DRIVERS = ("ioctl", "dmsetup")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Longest pool name accepted.  The kernel allows 127 bytes; the rest is left for
 #: the names of the thin devices dmfs derives from the pool's name.

@@ -29,6 +29,9 @@ Exit status, the same for every command (``EXIT_STATUS_HELP``): 0 done; 1 the
 operation failed; 2 usage or configuration error, nothing touched; 3 the
 machine is not ready (kernel support, a tool, privileges, the pool, the
 mountpoint), nothing touched; 130 interrupted.
+
+The commands use the engine through :mod:`dmfs.pool` only (the names its
+``__all__`` lists); ``contrib/check-imports``, in the lint tier, holds them to it.
 """
 
 from dmfs.cli.main import build_parser, main

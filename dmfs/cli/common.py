@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from dmfs.config import LOG_LEVELS, dm_name_problem
-from dmfs.pool.drivers import DRIVERS
-from dmfs.pool.geometry import LowWater
+from dmfs.config import DRIVERS, LOG_LEVELS, dm_name_problem
+from dmfs.pool import LowWater
 from dmfs.units import parse_size
 
 EXIT_OK = 0

@@ -22,8 +22,7 @@ from dmfs.cli.common import EXIT_OK, OperationFailed, add_command
 from dmfs.cli.mount import PIDFILE, wait_for_exit
 from dmfs.cli.pool import created_lines, destroyed_lines
 from dmfs.cli.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
-from dmfs.pool.geometry import plan_loop_pool
-from dmfs.pool.loopback import create_loop_pool, destroy_pool
+from dmfs.pool import create_loop_pool, destroy_pool, plan_loop_pool
 from dmfs.units import parse_size
 
 #: (command, expected to fail) — run in the mounted tree

@@ -30,10 +30,15 @@ from dmfs.cli.preflight import (
     require_root,
 )
 from dmfs.config import Config, load_config
-from dmfs.pool.dm import DeviceMapper
-from dmfs.pool.errors import JournalCorrupt, PoolError
-from dmfs.pool.inspect import Inspection, inspect_pool, tree_of
-from dmfs.pool.snapshotter import Snapshotter
+from dmfs.pool import (
+    DeviceMapper,
+    Inspection,
+    JournalCorrupt,
+    PoolError,
+    Snapshotter,
+    inspect_pool,
+    tree_of,
+)
 from dmfs.units import format_size
 
 log = logging.getLogger("dmfs.cli")

@@ -24,8 +24,7 @@ from dmfs.cli.common import (
 )
 from dmfs.cli.preflight import EnvironmentProblem
 from dmfs.config import ConfigError
-from dmfs.pool.dm import DmError
-from dmfs.pool.errors import PoolAdminError
+from dmfs.pool import DmError, PoolAdminError
 
 #: Every command family, in the order ``dmfs --help`` lists their commands.
 COMMANDS = (mount, inspect, pool, config, demo)

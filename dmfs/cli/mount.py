@@ -45,8 +45,7 @@ from dmfs.cli.preflight import (
 )
 from dmfs.config import Config, load_config
 from dmfs.fuse.mount import serve
-from dmfs.pool import fs
-from dmfs.pool.errors import PoolError, SnapshotError
+from dmfs.pool import PoolError, SnapshotError, mountinfo, umount
 from dmfs.units import parse_duration
 
 log = logging.getLogger("dmfs.mount")
@@ -130,12 +129,12 @@ def clear_stale_mount(mountpoint: Path) -> bool:
     except OSError as error:
         if error.errno != errno.ENOTCONN:
             return False
-    entries = [e for e in fs.mountinfo() if e.mountpoint == mountpoint]
+    entries = [e for e in mountinfo() if e.mountpoint == mountpoint]
     if not entries or entries[-1].fs_type != "fuse.dmfs":
         return False
     log.warning("%s: clearing the mount of a dmfs that died (transport endpoint is not "
                 "connected)", mountpoint)
-    fs.umount(mountpoint, lazy=True)
+    umount(mountpoint, lazy=True)
     return True
 
 

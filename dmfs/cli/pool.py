@@ -28,9 +28,18 @@ from dmfs.cli.preflight import (
     require_root,
     require_tool,
 )
-from dmfs.pool.errors import PoolError, PoolSpecError
-from dmfs.pool.geometry import DEFAULT_BLOCK_SIZE, DEFAULT_LOW_WATER, LowWater, plan_loop_pool
-from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
+from dmfs.pool import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_LOW_WATER,
+    DestroyReport,
+    LowWater,
+    PoolError,
+    PoolReport,
+    PoolSpecError,
+    create_loop_pool,
+    destroy_pool,
+    plan_loop_pool,
+)
 from dmfs.units import SIZE_EXAMPLES, format_size
 
 

@@ -19,11 +19,16 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from dmfs.pool import fs
-from dmfs.pool.dm import DeviceMapper, DmError, Target
-from dmfs.pool.drivers import DRIVERS, open_driver
-from dmfs.pool.errors import PoolError
-from dmfs.pool.thinpool import find_thin_pool
+from dmfs.config import DRIVERS
+from dmfs.pool import (
+    DeviceMapper,
+    DmError,
+    PoolError,
+    Target,
+    find_thin_pool,
+    mountinfo,
+    open_driver,
+)
 
 DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
@@ -144,7 +149,7 @@ def require_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(mode):
         raise EnvironmentProblem(f"mountpoint {path} is not a directory")
     resolved = path.resolve()
-    for mount in fs.mountinfo():
+    for mount in mountinfo():
         if mount.mountpoint == resolved:
             raise EnvironmentProblem(
                 f"mountpoint {path} is busy: {mount.source} ({mount.fs_type}) is already "

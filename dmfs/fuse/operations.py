@@ -25,18 +25,19 @@ import pyfuse3
 from dmfs.fuse import inodes
 from dmfs.fuse.inodes import CONTROL_ENTRIES, InodeTable, Role
 from dmfs.fuse.names import BadName, check_new_key, decode_name, encode_key
-from dmfs.pool.errors import (
+from dmfs.pool import (
     AlreadyExists,
     FailedPrecondition,
     HasChildren,
+    Info,
     InUse,
     InvalidArgument,
+    Kind,
     NoSpace,
     NotFound,
     SnapshotError,
+    Snapshotter,
 )
-from dmfs.pool.metadata import Kind
-from dmfs.pool.snapshotter import Info, Snapshotter
 
 log = logging.getLogger(__name__)
 
