@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmfs.pool.drivers import DRIVERS
-from dmfs.units import SIZE_EXAMPLES, format_size, parse_duration, parse_size
+from dmfs.units import SECTOR_SIZE, SIZE_EXAMPLES, format_size, parse_duration, parse_size
 
 try:
     import tomllib
@@ -68,7 +67,8 @@ class Config:
     mountpoint: Path | None = None
     #: group whose members may mkdir/mv/rmdir (root always may)
     admin_group: str | None = None
-    #: let every user browse the tree (FUSE allow_other + default_permissions)
+    #: let every user browse the tree (FUSE allow_other); dmfs checks who may change
+    #: it itself, without the kernel's default_permissions
     allow_other: bool = True
     #: log level name (debug, info, warning, error)
     log_level: str = "info"
@@ -113,6 +113,10 @@ CONFIG_TABLES: dict[tuple[str, ...], str] = {
         '[plugins."io.containerd.snapshotter.v1.devmapper"]',
 }
 FS_TYPES = ("ext4",)
+#: The device-mapper drivers (opened by dmfs.pool.drivers): "ioctl" speaks to
+#: /dev/mapper/control directly (default); "dmsetup" runs the command.  Defined
+#: here, not in the pool layer, because the pool imports this module.
+DRIVERS = ("ioctl", "dmsetup")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Longest pool name accepted.  The kernel allows 127 bytes; the rest is left for
 #: the names of the thin devices dmfs derives from the pool's name.
@@ -122,7 +126,6 @@ MAX_POOL_NAME = 100
 _DM_NAME_RE = re.compile(r"[A-Za-z0-9#+\-.:=@_]+")
 _RESERVED_DM_NAMES = (".", "..", "control")
 MIN_BASE_IMAGE_SIZE = 1024**2
-SECTOR_SIZE = 512
 # Keys of containerd's older devmapper config that made it create the pool itself.
 _CONTAINERD_POOL_KEYS = ("data_device", "meta_device", "data_block_size")
 _TOML_TYPE_NAMES = {str: "string", int: "integer", float: "float", bool: "boolean",

@@ -19,6 +19,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+#: The unit of device-mapper table lengths and of block device sizes in sysfs: 512
+#: bytes, whatever a device's logical block size (the pool layer reads it from
+#: :mod:`dmfs.pool.dm`; it is defined here because the config checks sizes by it).
+SECTOR_SIZE = 512
 SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -19,7 +19,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 
-from dmfs.pool.errors import (
+from dmfs.pool import (
     AlreadyExists,
     FailedPrecondition,
     HasChildren,

@@ -14,8 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dmfs.pool.metadata import Kind
-from dmfs.pool.snapshotter import Info, Snapshotter
+from dmfs.pool import Info, Kind, Snapshotter
 
 
 def scalar(value: Any) -> str:

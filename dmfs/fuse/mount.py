@@ -21,7 +21,7 @@ import trio
 
 from dmfs.config import Config, admin_gid
 from dmfs.fuse.operations import DmfsOperations
-from dmfs.pool.snapshotter import Snapshotter
+from dmfs.pool import Snapshotter
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ import pyfuse3
 from dmfs.fuse import inodes
 from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole, InodeTable
 from dmfs.fuse.names import BadName, decode_entry, display, encode_key
-from dmfs.pool.metadata import Kind
-from dmfs.pool.snapshotter import Info, Snapshotter
+from dmfs.pool import Info, Kind, Snapshotter
 
 #: how long the kernel may cache node entries and attributes; every change made
 #: through the tree keeps the cache right (the kernel's own or an invalidation)

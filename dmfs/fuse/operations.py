@@ -25,9 +25,7 @@ from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole
 from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display, encode_key
 from dmfs.fuse.namespace import CONTROL, FS, Namespace
 from dmfs.fuse.permissions import is_admin, why_not_admin
-from dmfs.pool.errors import SnapshotError
-from dmfs.pool.metadata import Kind
-from dmfs.pool.snapshotter import Snapshotter
+from dmfs.pool import Kind, SnapshotError, Snapshotter
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import errno
 import pyfuse3
 
 from dmfs.fuse.names import display
-from dmfs.pool.snapshotter import Info, Snapshotter
+from dmfs.pool import Info, Snapshotter
 
 LABEL_PREFIX = "user.label."
 INFO_PREFIX = "user.dmfs."

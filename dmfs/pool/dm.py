@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-SECTOR_SIZE = 512
+# The pool layer's spelling of the sector size; defined once, in dmfs.units.
+from dmfs.units import SECTOR_SIZE as SECTOR_SIZE
 
 
 class DmError(OSError):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from dmfs.config import DRIVERS
 from dmfs.pool.dm import DeviceMapper
-
-#: "ioctl" speaks to /dev/mapper/control directly (default); "dmsetup" runs the command
-DRIVERS = ("ioctl", "dmsetup")
 
 
 def open_driver(name: str, *, udev_timeout: float = 10.0) -> DeviceMapper:

@@ -66,3 +66,14 @@ def as_snapshot_error(error: OSError, doing: str) -> SnapshotError:
     mount, the journal); ``doing`` names the operation and the device."""
     kind = _ERRNO_TYPES.get(error.errno or 0, PoolError)
     return kind(f"{doing}: {error}")
+
+
+# ---- creating and destroying pools (dmfs.pool.loopback) -----------------------------
+
+
+class PoolSpecError(ValueError):
+    """The requested pool geometry is impossible (a usage error)."""
+
+
+class PoolAdminError(Exception):
+    """Creating or destroying a pool failed; the message says why and what to do."""

@@ -11,6 +11,7 @@ guest).  The drivers wait for udev themselves, so a device is ready when
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import fcntl
 import logging
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmfs.pool.blockdev import device_node
 from dmfs.pool.dm import (
     SECTOR_SIZE,
     DeviceBusy,
@@ -49,13 +51,31 @@ METADATA_SNAPSHOT_WAIT = 30.0
 
 @dataclass(frozen=True)
 class PoolTable:
-    """The parts of a thin-pool table dmfs needs."""
+    """The parameters of a ``thin-pool`` table line."""
 
-    metadata_dev: str  # major:minor
-    data_dev: str
+    metadata_device: str  # major:minor
+    data_device: str
     block_sectors: int
     low_water_blocks: int
-    features: tuple[str, ...]
+    features: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, params: str) -> PoolTable:
+        """Parse ``<meta dev> <data dev> <block sectors> <low water> [<n> <feature>...]``."""
+        fields = params.split()
+        try:
+            feature_count = int(fields[4]) if len(fields) > 4 else 0
+            table = cls(fields[0], fields[1], int(fields[2]), int(fields[3]),
+                        tuple(fields[5:5 + feature_count]))
+        except (IndexError, ValueError):
+            raise ValueError(f"not a thin-pool table: {params!r}") from None
+        return table
+
+    def params(self) -> str:
+        """The table parameters, as the kernel takes them."""
+        features = f" {len(self.features)} {' '.join(self.features)}" if self.features else ""
+        return (f"{self.metadata_device} {self.data_device} {self.block_sectors} "
+                f"{self.low_water_blocks}{features}")
 
 
 @dataclass(frozen=True)
@@ -91,14 +111,36 @@ def _metadata_snapshot_lock(pool_name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _device_node(devnum: str) -> str:
-    """/dev/<name> for a major:minor, from sysfs."""
-    uevent = Path(f"/sys/dev/block/{devnum}/uevent")
-    for line in uevent.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key == "DEVNAME":
-            return f"/dev/{value}"
-    raise PoolError(f"no device node for block device {devnum}")
+def _lvm_pool_hint(dm: DeviceMapper, name: str) -> str:
+    """A hint when ``name`` is an LVM thin pool's public face rather than its pool device."""
+    candidate = f"{name}-tpool"
+    try:
+        table = dm.table(candidate)
+    except DmError:
+        return ""
+    if len(table) == 1 and table[0].target_type == "thin-pool":
+        return f"; LVM calls the thin-pool device of this pool {candidate!r}: use that name"
+    return ""
+
+
+def find_thin_pool(dm: DeviceMapper, name: str) -> Target:
+    """The live table line of thin pool ``name``; PoolError, with a hint, if it is not one."""
+    try:
+        table = dm.table(name)
+    except NoSuchDevice:
+        devices = list(dm.list_devices())
+        close = difflib.get_close_matches(name, devices, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PoolError(
+            f"thin pool {name!r} not found (no device-mapper device of that name): create "
+            f"it with `dmfs pool create` or as contrib/PRODUCTION-POOL.md shows, and check "
+            f"the name with `dmsetup ls`{hint}") from None
+    if len(table) == 1 and table[0].target_type == "thin-pool":
+        return table[0]
+    kinds = ", ".join(sorted({target.target_type for target in table})) or "no table"
+    raise PoolError(
+        f"device {name!r} is not a thin-pool (its table has: {kinds})"
+        f"{_lvm_pool_hint(dm, name)}")
 
 
 class ThinPool:
@@ -122,10 +164,7 @@ class ThinPool:
             kinds = ",".join(t.target_type for t in targets) or "empty"
             raise PoolError(f"device-mapper device {self.name!r} is not a thin-pool "
                             f"(its table is {kinds})")
-        fields = targets[0].params.split()
-        self.table = PoolTable(metadata_dev=fields[0], data_dev=fields[1],
-                               block_sectors=int(fields[2]), low_water_blocks=int(fields[3]),
-                               features=tuple(fields[5:5 + int(fields[4])]))
+        self.table = PoolTable.parse(targets[0].params)
         status = self.status()
         if status.failed or status.needs_check:
             raise PoolError(f"thin pool {self.name!r} has failed or needs a check "
@@ -188,7 +227,7 @@ class ThinPool:
         its holder dies) around the reservation: a snapshot held while nobody
         holds the lock was left by a dead process and is released first."""
         assert self.table is not None
-        metadata_node = _device_node(self.table.metadata_dev)
+        metadata_node = device_node(self.table.metadata_device)
         with _metadata_snapshot_lock(self.name):
             if self.status(flush=False).held_metadata_root is not None:
                 log.warning("thin pool %s: releasing a metadata snapshot a process that "

@@ -13,7 +13,7 @@ import pytest
 
 from dmfs.cli import main
 from dmfs.pool.status import parse_pool_status
-from dmfs.pooladmin import PoolTable
+from dmfs.pool.thinpool import PoolTable
 from tests.support.loop_pool import LoopPool, destroy_pool, run
 
 MiB = 1024**2

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dmfs.pool.dmsetup import DmsetupDriver
-from dmfs.preflight import (
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
@@ -17,6 +16,7 @@ from dmfs.preflight import (
     require_mountpoint,
     require_thin_pool,
 )
+from dmfs.pool.dmsetup import DmsetupDriver
 from tests.support.loop_pool import LoopPool, run
 
 pytestmark = pytest.mark.no_udev_only

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dmfs.cli_mount import wait_for_exit
+from dmfs.cli.mount import wait_for_exit
 from dmfs.pool import fs
 
 DAEMON_EXIT_TIMEOUT = 60.0

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from dmfs import __version__
-from dmfs.cli import build_parser, main, setup_logging
+from dmfs.cli import build_parser, main
+from dmfs.cli.common import setup_logging
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

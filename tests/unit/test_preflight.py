@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dmfs import preflight
-from dmfs.pool.dm import NoSuchDevice, Target
-from dmfs.preflight import (
+from dmfs.cli import preflight
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
@@ -17,6 +16,7 @@ from dmfs.preflight import (
     require_thin_pool,
     require_tool,
 )
+from dmfs.pool.dm import NoSuchDevice, Target
 
 
 def test_require_root(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from dmfs.pooladmin import (
+from dmfs.pool.errors import PoolAdminError, PoolSpecError
+from dmfs.pool.geometry import (
     MAX_METADATA_SIZE,
     LowWater,
-    PoolAdminError,
-    PoolSpecError,
-    PoolTable,
     default_metadata_size,
     plan_loop_pool,
-    prepare_backing_file,
 )
+from dmfs.pool.loopback import prepare_backing_file
+from dmfs.pool.thinpool import PoolTable
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 

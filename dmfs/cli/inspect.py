@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from dmfs.cli import (
+from dmfs.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     OperationFailed,
@@ -23,23 +23,28 @@ from dmfs.cli import (
     emit,
     json_option,
 )
-from dmfs.config import Config, load_config
-from dmfs.pool.dm import DeviceMapper
-from dmfs.pool.errors import JournalCorrupt, PoolError
-from dmfs.pool.inspect import Inspection, inspect_pool, tree_of
-from dmfs.pool.snapshotter import Snapshotter
-from dmfs.preflight import (
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
     require_root,
+)
+from dmfs.config import Config, load_config
+from dmfs.pool import (
+    DeviceMapper,
+    Inspection,
+    JournalCorrupt,
+    PoolError,
+    Snapshotter,
+    inspect_pool,
+    tree_of,
 )
 from dmfs.units import format_size
 
 log = logging.getLogger("dmfs.cli")
 
 
-def add_engine_parsers(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     def command(name: str, help_text: str, description: str, example: str
                 ) -> argparse.ArgumentParser:
         parser = add_command(commands, name, help_text, description, [example])

@@ -2,8 +2,13 @@
 
 Also the program behind ``mount -t fuse.dmfs CONFIG MOUNTPOINT -o OPTIONS`` and
 fstab lines of type ``fuse.dmfs``: mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o
-OPTIONS`` and waits for it, so without ``--foreground`` the command returns
-once the tree is mounted and a daemon serves it.
+OPTIONS`` (:func:`dmfs.cli.main.mount_helper_argv` reads that as ``mount``) and
+waits for it, so without ``--foreground`` the command returns once the tree is
+mounted and a daemon serves it.  With contrib/fstab.example's line, OPTIONS is
+``rw,nodev,nosuid``: libmount keeps ``x-*`` options to itself and mount.fuse3
+drops ``nofail`` and ``_netdev``.  Under systemd (contrib/systemd/dmfs@.service,
+``Type=notify``) it runs as ``dmfs mount FILE --foreground`` and notifies
+``READY=1`` once mounted, ``STOPPING=1`` on SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from pathlib import Path
 import trio
 
 from dmfs import sdnotify
-from dmfs.cli import EXIT_FAILED, EXIT_OK, UsageError, add_command
-from dmfs.config import Config, load_config
-from dmfs.fuse.mount import serve
-from dmfs.pool import fs
-from dmfs.pool.errors import PoolError, SnapshotError
-from dmfs.preflight import (
+from dmfs.cli.common import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_command,
+)
+from dmfs.cli.preflight import (
     EnvironmentProblem,
     open_device_mapper,
     require_device_mapper,
@@ -36,6 +43,9 @@ from dmfs.preflight import (
     require_root,
     require_thin_pool,
 )
+from dmfs.config import Config, load_config
+from dmfs.fuse.mount import serve
+from dmfs.pool import PoolError, SnapshotError, mountinfo, umount
 from dmfs.units import parse_duration
 
 log = logging.getLogger("dmfs.mount")
@@ -50,7 +60,7 @@ FUSE_OPTIONS = frozenset({"nodev", "nosuid", "noexec"})
 PIDFILE = "dmfs.pid"
 
 
-def add_mount_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     mount = add_command(
         commands, "mount", "mount the snapshot tree",
         (
@@ -119,12 +129,12 @@ def clear_stale_mount(mountpoint: Path) -> bool:
     except OSError as error:
         if error.errno != errno.ENOTCONN:
             return False
-    entries = [e for e in fs.mountinfo() if e.mountpoint == mountpoint]
+    entries = [e for e in mountinfo() if e.mountpoint == mountpoint]
     if not entries or entries[-1].fs_type != "fuse.dmfs":
         return False
     log.warning("%s: clearing the mount of a dmfs that died (transport endpoint is not "
                 "connected)", mountpoint)
-    fs.umount(mountpoint, lazy=True)
+    umount(mountpoint, lazy=True)
     return True
 
 
@@ -203,7 +213,7 @@ def _daemonize(config: Config, mountpoint: Path, fuse: set[str]) -> int:
         code = _daemon_main(config, mountpoint, fuse, write_end)
     except EnvironmentProblem as error:
         log.error("%s", error)
-        code = 3
+        code = EXIT_ENVIRONMENT
     except BaseException:
         log.exception("dmfs daemon failed")
     finally:

@@ -1,4 +1,4 @@
-"""Create and destroy loop-backed thin pools: ``dmfs pool create`` / ``dmfs pool destroy``.
+"""Create and destroy loop-backed thin pools (what `dmfs pool create` and `dmfs pool destroy` run).
 
 A loop-backed pool is two sparse files in one directory, ``<name>.data`` and
 ``<name>.metadata``, each on a loop device, under a ``thin-pool`` table made
@@ -14,8 +14,12 @@ their data are back.  ``destroy`` removes the pool and detaches its loop
 devices, refusing while any device is stacked on the pool; it deletes the
 files only when asked.
 
-Device-mapper calls go through :class:`~dmfs.pool.dm.DeviceMapper`; loop devices
-through ``losetup``.  Pools on real disks are made by hand or with LVM, as
+What to create is planned and checked first (:mod:`dmfs.pool.geometry`);
+device-mapper calls go through :class:`~dmfs.pool.dm.DeviceMapper`, loop devices
+through losetup (:mod:`dmfs.pool.blockdev`).  Failures raise PoolAdminError
+(a missing pool or one that is not a thin pool: PoolError), with a message
+that says what to do.  The text for the terminal is the CLI's
+(:mod:`dmfs.cli.pool`).  Pools on real disks are made by hand or with LVM, as
 ``contrib/PRODUCTION-POOL.md`` describes.
 """
 
@@ -24,260 +28,34 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import subprocess
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
-from dmfs.pool.dm import DeviceBusy, DeviceMapper, DmError, NoSuchDevice, Target
+from dmfs.pool import fs
+from dmfs.pool.blockdev import (
+    LoopDevice,
+    attach_loop,
+    detach_loop_quietly,
+    device_node,
+    holders_of,
+    is_loop,
+    loop_backing_file,
+    loop_devices_of,
+    losetup,
+    sync_loop_capacity,
+)
+from dmfs.pool.dm import SECTOR_SIZE, DeviceBusy, DeviceMapper, DmError, NoSuchDevice, Target
+from dmfs.pool.errors import PoolAdminError
+from dmfs.pool.geometry import POOL_FEATURES, LoopPoolSpec
 from dmfs.pool.status import PoolStatus, StatusParseError, parse_pool_status
-from dmfs.preflight import mounts, require_thin_pool
-from dmfs.units import format_size, parse_size
+from dmfs.pool.thinpool import PoolTable, find_thin_pool
+from dmfs.units import format_size
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
-#: The kernel's limits on the data block size (thin-provisioning.rst).
-MIN_BLOCK_SIZE = 64 * 1024
-MAX_BLOCK_SIZE = 1024**3
-DEFAULT_BLOCK_SIZE = 64 * 1024
-#: The kernel uses at most 255 * (2^14 - 64) metadata blocks of 4 KiB (dm-space-map-
-#: metadata.h; older kernels 255 * 2^14) and ignores the rest; rounded down to MiB.
-MAX_METADATA_SIZE = 255 * (2**14 - 64) * 4096 // 1024**2 * 1024**2
-MIN_METADATA_SIZE = 2 * 1024**2
-DEFAULT_MIN_METADATA_SIZE = 16 * 1024**2
-#: The kernel's guide is 48 bytes of metadata per data block; twice that leaves
-#: room for snapshots whose mappings have diverged.  The file is sparse, so the
-#: headroom costs nothing until it is used.
-METADATA_BYTES_PER_BLOCK = 96
-DEFAULT_LOW_WATER = "10%"
-#: Block zeroing stays on (no skip_block_zeroing): without it, a block freed by one
-#: snapshot and allocated to another still shows the first one's data.
-POOL_FEATURES = ("error_if_no_space",)
-LOOP_MAJOR = 7
-
-
-class PoolSpecError(ValueError):
-    """The requested pool geometry is impossible (a usage error)."""
-
-
-class PoolAdminError(Exception):
-    """Creating or destroying a pool failed; the message says why and what to do."""
-
-
-# ---- what to create ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LowWater:
-    """A low-water mark as given: a percentage of the data blocks, or a size."""
-
-    percent: Fraction | None = None
-    size: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> LowWater:
-        """``10%``, ``2.5%``, or a size such as ``512MiB``; ValueError otherwise."""
-        text = text.strip()
-        if text.endswith("%"):
-            try:
-                percent = Fraction(text[:-1])
-            except ValueError:
-                raise ValueError(f"{text!r} is not a percentage") from None
-            if not 0 <= percent < 100:
-                raise ValueError(f"{text!r} must be at least 0% and less than 100%")
-            return cls(percent=percent)
-        return cls(size=parse_size(text))
-
-    def blocks(self, total_blocks: int, block_size: int) -> int:
-        """The mark in data blocks, rounded down."""
-        if self.percent is not None:
-            return int(total_blocks * self.percent / 100)
-        assert self.size is not None
-        return self.size // block_size
-
-    def __str__(self) -> str:
-        if self.percent is not None:
-            return f"{float(self.percent):g}%"
-        return format_size(self.size or 0)
-
-
-@dataclass(frozen=True)
-class PoolTable:
-    """The parameters of a ``thin-pool`` table line."""
-
-    metadata_device: str
-    data_device: str
-    block_sectors: int
-    low_water_blocks: int
-    features: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, params: str) -> PoolTable:
-        """Parse ``<meta dev> <data dev> <block sectors> <low water> [<n> <feature>...]``."""
-        fields = params.split()
-        try:
-            feature_count = int(fields[4]) if len(fields) > 4 else 0
-            table = cls(fields[0], fields[1], int(fields[2]), int(fields[3]),
-                        tuple(fields[5:5 + feature_count]))
-        except (IndexError, ValueError):
-            raise ValueError(f"not a thin-pool table: {params!r}") from None
-        return table
-
-    def params(self) -> str:
-        """The table parameters, as the kernel takes them."""
-        features = f" {len(self.features)} {' '.join(self.features)}" if self.features else ""
-        return (f"{self.metadata_device} {self.data_device} {self.block_sectors} "
-                f"{self.low_water_blocks}{features}")
-
-
-@dataclass(frozen=True)
-class LoopPoolSpec:
-    """A loop-backed thin pool to create: its name, files and geometry."""
-
-    name: str
-    directory: Path
-    size: int
-    metadata_size: int
-    block_size: int
-    low_water: LowWater
-
-    @property
-    def data_file(self) -> Path:
-        return self.directory / f"{self.name}.data"
-
-    @property
-    def metadata_file(self) -> Path:
-        return self.directory / f"{self.name}.metadata"
-
-    @property
-    def total_blocks(self) -> int:
-        return self.size // self.block_size
-
-    @property
-    def low_water_blocks(self) -> int:
-        return self.low_water.blocks(self.total_blocks, self.block_size)
-
-    def table(self, metadata_device: str, data_device: str) -> PoolTable:
-        return PoolTable(metadata_device, data_device, self.block_size // SECTOR,
-                         self.low_water_blocks, POOL_FEATURES)
-
-
-def default_metadata_size(size: int, block_size: int) -> int:
-    """Metadata for a pool of ``size`` bytes in ``block_size`` blocks, rounded up to MiB."""
-    wanted = max(size // block_size * METADATA_BYTES_PER_BLOCK, DEFAULT_MIN_METADATA_SIZE)
-    wanted = -(-wanted // 1024**2) * 1024**2
-    return min(wanted, MAX_METADATA_SIZE)
-
-
-def plan_loop_pool(name: str, directory: Path, size: int, *, metadata_size: int | None = None,
-                   block_size: int = DEFAULT_BLOCK_SIZE,
-                   low_water: LowWater | None = None) -> LoopPoolSpec:
-    """Check a requested geometry; PoolSpecError says what is impossible about it."""
-    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % MIN_BLOCK_SIZE:
-        raise PoolSpecError(
-            f"block size {format_size(block_size)} must be a multiple of 64KiB between "
-            f"64KiB and 1GiB")
-    if size < 16 * block_size:
-        raise PoolSpecError(f"size {format_size(size)} is too small: a pool needs at least 16 "
-                            f"blocks of {format_size(block_size)}")
-    if size % block_size:
-        raise PoolSpecError(f"size {format_size(size)} is not a whole number of "
-                            f"{format_size(block_size)} blocks")
-    if metadata_size is None:
-        metadata_size = default_metadata_size(size, block_size)
-    if not MIN_METADATA_SIZE <= metadata_size <= MAX_METADATA_SIZE or metadata_size % 4096:
-        raise PoolSpecError(
-            f"metadata size {format_size(metadata_size)} must be a multiple of 4KiB between "
-            f"{format_size(MIN_METADATA_SIZE)} and {format_size(MAX_METADATA_SIZE)}")
-    spec = LoopPoolSpec(name, directory, size, metadata_size, block_size,
-                        low_water or LowWater.parse(DEFAULT_LOW_WATER))
-    if spec.low_water_blocks >= spec.total_blocks:
-        raise PoolSpecError(f"low-water mark {spec.low_water} is not below the pool's size "
-                            f"{format_size(size)}")
-    return spec
-
-
-# ---- loop devices and sysfs ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoopDevice:
-    path: str
-    devnum: str  # "7:N"
-
-
-def _run(*argv: str) -> str:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except OSError as error:
-        raise PoolAdminError(f"cannot run {argv[0]}: {error.strerror}") from None
-    if result.returncode != 0:
-        detail = (result.stderr.strip() or result.stdout.strip()).replace("\n", "; ")
-        raise PoolAdminError(f"{' '.join(argv)} failed: {detail}")
-    return result.stdout
-
-
-def _devnum_of(device_path: str) -> str:
-    rdev = os.stat(device_path).st_rdev
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
-
-
-def loop_devices_of(file: Path) -> list[LoopDevice]:
-    """The loop devices attached to ``file`` (``losetup -j``), matched by inode."""
-    out = _run("losetup", "--list", "--noheadings", "--output", "NAME,MAJ:MIN",
-               "--associated", str(file))
-    devices = []
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) == 2:
-            devices.append(LoopDevice(fields[0], fields[1]))
-    return devices
-
-
-def _attach_loop(file: Path) -> LoopDevice:
-    path = _run("losetup", "--find", "--show", str(file)).strip()
-    return LoopDevice(path, _devnum_of(path))
-
-
-def _sysfs_block(devnum: str) -> Path:
-    return Path("/sys/dev/block") / devnum
-
-
-def _device_path(devnum: str) -> str:
-    """``/dev/<kernel name>`` of block device ``major:minor`` (no udev needed)."""
-    return f"/dev/{_sysfs_block(devnum).resolve().name}"
-
-
-def _is_loop(devnum: str) -> bool:
-    return devnum.split(":")[0] == str(LOOP_MAJOR) and (_sysfs_block(devnum) / "loop").is_dir()
-
-
-def loop_backing_file(devnum: str) -> str | None:
-    """The file behind loop device ``major:minor``, as the kernel recorded its path."""
-    try:
-        return (_sysfs_block(devnum) / "loop" / "backing_file").read_text().strip()
-    except OSError:
-        return None
-
-
-def _sync_loop_capacity(loop: LoopDevice, file: Path) -> None:
-    # A loop device attached before its file was resized keeps the old size.
-    sectors = int((_sysfs_block(loop.devnum) / "size").read_text())
-    if sectors * SECTOR != file.stat().st_size:
-        _run("losetup", "--set-capacity", loop.path)
-
-
-def holders_of(devnum: str) -> list[str]:
-    """Names of the dm devices stacked on block device ``major:minor`` (sysfs holders)."""
-    names = []
-    holders = _sysfs_block(devnum) / "holders"
-    for holder in sorted(holders.iterdir()) if holders.is_dir() else []:
-        try:
-            names.append((holder / "dm" / "name").read_text().strip())
-        except OSError:
-            names.append(holder.name)
-    return names
+#: stat(2) counts a file's allocated space (st_blocks) in units of 512 bytes,
+#: whatever the filesystem's block size (a fact of its own, not the dm sector)
+ST_BLOCKS_UNIT = 512
 
 
 # ---- reports -----------------------------------------------------------------------
@@ -309,23 +87,6 @@ class PoolReport:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    def lines(self) -> list[str]:
-        """The report for people."""
-        verb = ("re-activated from its files" if self.reactivated
-                else "created" if self.created else "already exists")
-        percent = 100 * self.low_water_blocks / max(self.total_data_blocks, 1)
-        metadata_size = format_size(self.metadata_size) if self.metadata_size else "?"
-        return [
-            f"pool {self.name} {verb}: {self.device}",
-            f"  data       {self.data_file or '-'} on {self.data_device}, "
-            f"{format_size(self.data_size)} = {self.total_data_blocks} blocks of "
-            f"{format_size(self.block_size)}, {self.used_data_blocks} used",
-            f"  metadata   {self.metadata_file or '-'} on {self.metadata_device}, "
-            f"{metadata_size}",
-            f"  low water  {self.low_water_blocks} blocks ({percent:.3g}% of the data blocks)",
-            f"  features   {' '.join(self.features) or '-'}; mode {self.mode}",
-        ]
-
 
 @dataclass
 class DestroyReport:
@@ -340,16 +101,6 @@ class DestroyReport:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-    def lines(self) -> list[str]:
-        lines = [f"pool {self.name} removed" if self.removed
-                 else f"pool {self.name} was not active"]
-        if self.used_data_blocks is not None and self.block_size:
-            lines.append(f"  it held {format_size(self.used_data_blocks * self.block_size)} "
-                         f"of data ({self.used_data_blocks} blocks)")
-        lines += [f"  detached {device}" for device in self.detached]
-        lines += [f"  deleted  {path}" for path in self.deleted]
-        return lines
 
 
 def _pool_status(dm: DeviceMapper, name: str) -> PoolStatus:
@@ -370,8 +121,8 @@ def _report(dm: DeviceMapper, name: str, target: Target, created: bool,
         data_file=str(spec.data_file) if spec else None,
         metadata_file=str(spec.metadata_file) if spec else None,
         data_device=table.data_device, metadata_device=table.metadata_device,
-        data_size=target.length * SECTOR, metadata_size=metadata_size,
-        block_size=table.block_sectors * SECTOR, total_data_blocks=status.total_data_blocks,
+        data_size=target.length * SECTOR_SIZE, metadata_size=metadata_size,
+        block_size=table.block_sectors * SECTOR_SIZE, total_data_blocks=status.total_data_blocks,
         used_data_blocks=status.used_data_blocks, low_water_blocks=table.low_water_blocks,
         features=list(table.features), mode="fail" if status.failed else status.mode)
 
@@ -396,7 +147,7 @@ def _existing_pool(dm: DeviceMapper, spec: LoopPoolSpec) -> PoolReport | None:
                                ("metadata", table.metadata_device, spec.metadata_file)):
         loops = loop_devices_of(file) if file.exists() else []
         if devnum not in {loop.devnum for loop in loops}:
-            behind = loop_backing_file(devnum) if _is_loop(devnum) else None
+            behind = loop_backing_file(devnum) if is_loop(devnum) else None
             backing.append(f"its {role} device {devnum} is "
                            + (f"a loop device on {behind}" if behind else "not a loop device")
                            + f", not {file}")
@@ -407,8 +158,8 @@ def _existing_pool(dm: DeviceMapper, spec: LoopPoolSpec) -> PoolReport | None:
               "metadata size": format_size(spec.metadata_size),
               "low-water mark": f"{spec.low_water_blocks} blocks",
               "features": " ".join(POOL_FEATURES)}
-    actual = {"size": format_size(target.length * SECTOR),
-              "block size": format_size(table.block_sectors * SECTOR),
+    actual = {"size": format_size(target.length * SECTOR_SIZE),
+              "block size": format_size(table.block_sectors * SECTOR_SIZE),
               "metadata size": format_size(spec.metadata_file.stat().st_size),
               "low-water mark": f"{table.low_water_blocks} blocks",
               "features": " ".join(table.features)}
@@ -451,10 +202,10 @@ def prepare_backing_file(path: Path, size: int) -> bool:
 def _check_free_space(spec: LoopPoolSpec) -> None:
     needed = 0
     for path, size in ((spec.data_file, spec.size), (spec.metadata_file, spec.metadata_size)):
-        allocated = path.stat().st_blocks * SECTOR if path.exists() else 0
+        allocated = path.stat().st_blocks * ST_BLOCKS_UNIT if path.exists() else 0
         needed += max(size - allocated, 0)
-    fs = os.statvfs(spec.directory)
-    free = fs.f_bavail * fs.f_frsize
+    space = os.statvfs(spec.directory)
+    free = space.f_bavail * space.f_frsize
     if needed > free:
         raise PoolAdminError(
             f"{spec.directory} has {free / 1024**2:.0f}MiB free but the pool's files can grow "
@@ -504,13 +255,13 @@ def create_loop_pool(dm: DeviceMapper, spec: LoopPoolSpec, *,
                                          f"{', '.join(users)}: is it another pool's file?")
                 log.info("reusing %s, already attached to %s", found[0].path, path)
                 loops[role] = found[0]
-                _sync_loop_capacity(found[0], path)
+                sync_loop_capacity(found[0], path)
             else:
-                loops[role] = _attach_loop(path)
+                loops[role] = attach_loop(path)
                 attached.append(loops[role])
                 log.debug("attached %s to %s", loops[role].path, path)
         table = spec.table(loops["metadata"].devnum, loops["data"].devnum)
-        target = Target(0, spec.size // SECTOR, "thin-pool", table.params())
+        target = Target(0, spec.size // SECTOR_SIZE, "thin-pool", table.params())
         try:
             dm.create(spec.name, [target])
         except DmError as error:
@@ -520,7 +271,7 @@ def create_loop_pool(dm: DeviceMapper, spec: LoopPoolSpec, *,
                                  f"'{target.line()}': {error} (see dmesg){reused}") from None
     except BaseException:
         for loop in attached:
-            subprocess.run(["losetup", "--detach", loop.path], capture_output=True, check=False)
+            detach_loop_quietly(loop.path)
         for path in created_files:
             path.unlink(missing_ok=True)
         raise
@@ -543,14 +294,14 @@ def _users_of_pool(dm: DeviceMapper, name: str, pool_devnum: str) -> str | None:
     """Why pool ``name`` cannot be removed now, or None when nothing uses it."""
     holders = holders_of(pool_devnum)
     if holders:
-        mounted = {}
-        for mount in mounts():
-            mounted.setdefault(mount.devnum, []).append(mount.mountpoint)
+        mounted: dict[tuple[int, int], list[str]] = {}
+        for mount in fs.mountinfo():
+            mounted.setdefault(mount.devnum, []).append(str(mount.mountpoint))
         described = []
         for holder in holders:
             try:
                 info = dm.info(holder)
-                places = mounted.get(f"{info.major}:{info.minor}", [])
+                places = mounted.get(info.devnum, [])
             except DmError:
                 places = []
             described.append(f"{holder} (mounted on {', '.join(places)})" if places else holder)
@@ -570,7 +321,8 @@ def destroy_pool(dm: DeviceMapper, name: str, *,
     Refuses (PoolAdminError) while any device is stacked on the pool or a
     process holds it, and when ``loopback_dir`` does not hold the pool's files.
     If the pool is not active but ``loopback_dir`` holds its files, they are
-    detached and deleted; if there is neither, EnvironmentProblem (not found).
+    detached and deleted; if there is neither, PoolError (not found); also
+    PoolError when ``name`` is a device but not a thin pool.
     """
     files = ([loopback_dir / f"{name}.data", loopback_dir / f"{name}.metadata"]
              if loopback_dir else [])
@@ -579,11 +331,11 @@ def destroy_pool(dm: DeviceMapper, name: str, *,
         dm.info(name)
     except NoSuchDevice:
         if not any(path.exists() for path in files):
-            require_thin_pool(dm, name)  # raises the "not found" EnvironmentProblem
+            find_thin_pool(dm, name)  # raises PoolError: not found
         _forget_files(files, report)
         return report
 
-    target = require_thin_pool(dm, name)
+    target = find_thin_pool(dm, name)
     table = PoolTable.parse(target.params)
     info = dm.info(name)
     pool_devnum = f"{info.major}:{info.minor}"
@@ -591,7 +343,7 @@ def destroy_pool(dm: DeviceMapper, name: str, *,
     if busy:
         raise PoolAdminError(f"pool {name} is in use, not removed: {busy}")
     pool_loops = [devnum for devnum in (table.data_device, table.metadata_device)
-                  if _is_loop(devnum)]
+                  if is_loop(devnum)]
     if files:
         for path, devnum in zip(files, (table.data_device, table.metadata_device), strict=True):
             if not path.exists() or devnum not in {loop.devnum for loop in loop_devices_of(path)}:
@@ -601,7 +353,7 @@ def destroy_pool(dm: DeviceMapper, name: str, *,
 
     status = _pool_status(dm, name)
     report.used_data_blocks = None if status.failed else status.used_data_blocks
-    report.block_size = table.block_sectors * SECTOR
+    report.block_size = table.block_sectors * SECTOR_SIZE
     try:
         dm.remove(name)
     except DeviceBusy:
@@ -610,8 +362,8 @@ def destroy_pool(dm: DeviceMapper, name: str, *,
     report.removed = True
     log.debug("removed pool %s", name)
     for devnum in pool_loops:
-        path = _device_path(devnum)
-        _run("losetup", "--detach", path)
+        path = device_node(devnum)
+        losetup("--detach", path)
         report.detached.append(path)
     for path in files:
         path.unlink()
@@ -629,7 +381,7 @@ def _forget_files(files: list[Path], report: DestroyReport) -> None:
             if users:
                 raise PoolAdminError(f"{path} is in use through {loop.path} by "
                                      f"{', '.join(users)}: not deleted")
-            _run("losetup", "--detach", loop.path)
+            losetup("--detach", loop.path)
             report.detached.append(loop.path)
         path.unlink()
         report.deleted.append(str(path))

@@ -1,15 +1,16 @@
 """Checks that the machine is ready, run before a command touches anything.
 
-Each check raises :class:`EnvironmentProblem` with one line that says what is
-missing and what to do about it.  The ``dmfs pool`` commands use them now; the
-``mount`` command is meant to call :func:`require_root`,
-:func:`require_device_mapper`, :func:`open_device_mapper`, :func:`require_fuse`,
-:func:`require_thin_pool` and :func:`require_mountpoint` in that order.
+Each check raises :class:`EnvironmentProblem` (exit status 3) with one line that
+says what is missing and what to do about it.  Every command that touches the
+kernel starts with :func:`require_root` and :func:`require_device_mapper`, then
+opens its driver with :func:`open_device_mapper`; ``mount`` goes on with
+:func:`require_fuse`, :func:`require_thin_pool` and :func:`require_mountpoint`,
+``demo`` with :func:`require_fuse`, ``pool create`` / ``pool destroy`` with
+:func:`require_tool` for losetup.
 """
 
 from __future__ import annotations
 
-import difflib
 import errno
 import os
 import shutil
@@ -17,16 +18,22 @@ import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
-from dmfs.pool.dm import DeviceMapper, DmError, NoSuchDevice, Target
-from dmfs.pool.drivers import DRIVERS, open_driver
+from dmfs.config import DRIVERS
+from dmfs.pool import (
+    DeviceMapper,
+    DmError,
+    PoolError,
+    Target,
+    find_thin_pool,
+    mountinfo,
+    open_driver,
+)
 
 DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
 SYS_MODULE = Path("/sys/module")
 THIN_POOL_MODULE = "dm_thin_pool"
-MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 class EnvironmentProblem(Exception):
@@ -114,63 +121,12 @@ def require_fuse(device: Path = FUSE_DEVICE) -> None:
                                  f"`mknod {device} c 10 229`")
 
 
-def _lvm_pool_hint(dm: DeviceMapper, name: str) -> str:
-    """A hint when ``name`` is an LVM thin pool's public face rather than its pool device."""
-    candidate = f"{name}-tpool"
-    try:
-        table = dm.table(candidate)
-    except DmError:
-        return ""
-    if len(table) == 1 and table[0].target_type == "thin-pool":
-        return f"; LVM calls the thin-pool device of this pool {candidate!r}: use that name"
-    return ""
-
-
 def require_thin_pool(dm: DeviceMapper, name: str) -> Target:
     """The live table line of thin pool ``name``; EnvironmentProblem if it is not one."""
     try:
-        table = dm.table(name)
-    except NoSuchDevice:
-        devices = list(dm.list_devices())
-        close = difflib.get_close_matches(name, devices, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise EnvironmentProblem(
-            f"thin pool {name!r} not found (no device-mapper device of that name): create "
-            f"it with `dmfs pool create` or as contrib/PRODUCTION-POOL.md shows, and check "
-            f"the name with `dmsetup ls`{hint}") from None
-    if len(table) == 1 and table[0].target_type == "thin-pool":
-        return table[0]
-    kinds = ", ".join(sorted({target.target_type for target in table})) or "no table"
-    raise EnvironmentProblem(
-        f"device {name!r} is not a thin-pool (its table has: {kinds})"
-        f"{_lvm_pool_hint(dm, name)}")
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(escaped, char)
-    return field
-
-
-class Mount(NamedTuple):
-    """One line of /proc/self/mountinfo, the parts dmfs looks at."""
-
-    devnum: str  # "major:minor" of the mounted device
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def mounts() -> list[Mount]:
-    """Every mount of this process's mount namespace."""
-    entries = []
-    for line in MOUNTINFO.read_text().splitlines():
-        fields = line.split()
-        separator = fields.index("-")
-        entries.append(Mount(fields[2], _unescape_mountinfo(fields[4]), fields[separator + 1],
-                             _unescape_mountinfo(fields[separator + 2])))
-    return entries
+        return find_thin_pool(dm, name)
+    except PoolError as error:
+        raise EnvironmentProblem(str(error)) from None
 
 
 def require_mountpoint(path: Path) -> Path:
@@ -193,10 +149,10 @@ def require_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(mode):
         raise EnvironmentProblem(f"mountpoint {path} is not a directory")
     resolved = path.resolve()
-    for mount in mounts():
-        if mount.mountpoint == str(resolved):
+    for mount in mountinfo():
+        if mount.mountpoint == resolved:
             raise EnvironmentProblem(
-                f"mountpoint {path} is busy: {mount.source} ({mount.fstype}) is already "
+                f"mountpoint {path} is busy: {mount.source} ({mount.fs_type}) is already "
                 f"mounted there; "
                 f"unmount it first (findmnt {resolved})")
     return resolved

@@ -1,9 +1,11 @@
 """``dmfs demo``: a guided tour on a throw-away loop-backed pool.
 
-Creates a pool on sparse files, mounts dmfs, builds layers with mkdir / cp /
-mv, makes a view, browses it, shows the refusals that protect the tree,
-removes everything in the only legal order, prints the lineage, and cleans up
-(also when a step fails).  Each step is printed as the shell command it is.
+Creates a pool on sparse files, mounts dmfs on it (``dmfs mount``, a daemon),
+builds layers with mkdir / cp / mv, makes a view, browses it, shows labels and
+the refusals that protect the tree, shows the control directory, prints the
+lineage (``dmfs tree``), removes everything in the only legal order (children
+first), unmounts and destroys the pool, also when a step fails.  Each step is
+printed as the shell command it is.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dmfs.cli import EXIT_OK, OperationFailed, add_command
-from dmfs.cli_mount import PIDFILE, wait_for_exit
-from dmfs.pooladmin import create_loop_pool, destroy_pool, plan_loop_pool
-from dmfs.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
+from dmfs.cli.common import EXIT_OK, OperationFailed, add_command
+from dmfs.cli.mount import PIDFILE, wait_for_exit
+from dmfs.cli.pool import created_lines, destroyed_lines
+from dmfs.cli.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
+from dmfs.pool import create_loop_pool, destroy_pool, plan_loop_pool
 from dmfs.units import parse_size
 
 #: (command, expected to fail) — run in the mounted tree
@@ -54,7 +57,7 @@ TOUR: list[tuple[str, str, bool]] = [
 CLEANUP = "rmdir base-v1/app-v1/look base-v1/app-v1 base-v1 && ls -A"
 
 
-def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     demo = add_command(
         commands, "demo", "a guided tour on a throw-away pool",
         (
@@ -107,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         spec = plan_loop_pool(name, work, parse_size(args.size))
         print(f"$ dmfs pool create --loopback {work} --size {args.size} --name {name}")
-        print("\n".join(create_loop_pool(dm, spec).lines()))
+        print("\n".join(created_lines(create_loop_pool(dm, spec))))
         config.write_text(
             f'[dmfs]\npool_name = "{name}"\nbase_image_size = "128MiB"\n'
             f'root_path = "{work / "state"}"\nruntime_path = "{work / "run"}"\n')
@@ -137,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
             _unmount(tree, work, lazy=True)
         print(f"$ dmfs pool destroy --name {name} --loopback {work}")
         try:
-            print("\n".join(destroy_pool(dm, name, loopback_dir=work).lines()))
+            print("\n".join(destroyed_lines(destroy_pool(dm, name, loopback_dir=work))))
         except Exception as error:  # the pool may not exist when creation failed
             print(f"(pool {name}: {error})")
         dm.close()

@@ -1,0 +1,78 @@
+"""The ``dmfs`` parser, with every command family's sub-commands, and the entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from dmfs import __version__
+from dmfs.cli import config, demo, inspect, mount, pool
+from dmfs.cli.common import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    OperationFailed,
+    UsageError,
+    common_options,
+    complete_path,
+    log,
+    setup_logging,
+)
+from dmfs.cli.preflight import EnvironmentProblem
+from dmfs.config import ConfigError
+from dmfs.pool import DmError, PoolAdminError
+
+#: Every command family, in the order ``dmfs --help`` lists their commands.
+COMMANDS = (mount, inspect, pool, config, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``dmfs`` and every sub-command (also for generated docs)."""
+    parser = argparse.ArgumentParser(
+        prog="dmfs", parents=[common_options(suppress_defaults=False)],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show the snapshots of a device-mapper thin pool as a directory tree.",
+        epilog=EXIT_STATUS_HELP)
+    parser.add_argument("--version", action="version", version=f"dmfs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for family in COMMANDS:
+        family.add_parser(commands)
+    return parser
+
+
+def mount_helper_argv(argv: Sequence[str]) -> list[str]:
+    """mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o OPTIONS``: that means ``mount``."""
+    args = list(argv)
+    if args and not args[0].startswith("-") and os.path.isfile(args[0]):
+        return ["mount", *args]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmfs`` console script; returns the exit status."""
+    complete_path()
+    args = build_parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return args.run(args)
+    except (ConfigError, UsageError) as error:
+        log.error("%s", error)
+        return EXIT_USAGE
+    except EnvironmentProblem as error:
+        log.error("%s", error)
+        return EXIT_ENVIRONMENT
+    except BrokenPipeError:
+        # The reader of our output went away (`dmfs ... | head`): nothing to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (OperationFailed, PoolAdminError, DmError, OSError) as error:
+        log.debug("details", exc_info=True)
+        log.error("%s", error)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
