@@ -32,10 +32,11 @@ from dmfs.pool.geometry import (
     LowWater,
     plan_loop_pool,
 )
+from dmfs.pool.info import Info, Usage
 from dmfs.pool.inspect import Finding, Inspection, inspect_pool, tree_of
 from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
 from dmfs.pool.metadata import DeviceState, Kind
-from dmfs.pool.snapshotter import Info, Snapshotter, Usage
+from dmfs.pool.snapshotter import Snapshotter
 from dmfs.pool.thinpool import PoolTable, find_thin_pool
 
 __all__ = [  # noqa: RUF022 (grouped by what the names are for, not sorted)

@@ -7,6 +7,12 @@ is a sentence for the log that says why.
 from __future__ import annotations
 
 import errno
+import functools
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class SnapshotError(Exception):
@@ -77,3 +83,20 @@ class PoolSpecError(ValueError):
 
 class PoolAdminError(Exception):
     """Creating or destroying a pool failed; the message says why and what to do."""
+
+
+def translated(operation: str) -> Callable[[Callable[P, Awaitable[T]]],
+                                            Callable[P, Awaitable[T]]]:
+    """Let an engine method raise only typed errors: a failed kernel or disk call
+    that no step translated becomes InUse / NoSpace / PoolError naming the
+    operation and its first argument (the snapshot)."""
+    def decorate(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(method)
+        async def translated(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await method(*args, **kwargs)
+            except OSError as error:  # DmError is one
+                doing = f"{operation} {args[1]!r}" if len(args) > 1 else operation
+                raise as_snapshot_error(error, doing) from error
+        return translated
+    return decorate

@@ -1,0 +1,37 @@
+"""What the engine reports about a snapshot (containerd's Info and Usage)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmfs.pool.metadata import DeviceState, Kind
+
+
+@dataclass(frozen=True)
+class Info:
+    """A snapshot as the API reports it (containerd's snapshots.Info plus device)."""
+
+    key: str
+    kind: Kind
+    parent: str | None
+    labels: Mapping[str, str]
+    created: str
+    updated: str
+    device_id: int
+    state: DeviceState
+    mountpoint: Path | None  # where its filesystem is mounted now, if it is
+    usage: int | None = None  # bytes, for committed snapshots (fixed at commit)
+
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What stays the same through commit and rename: (device id, created)."""
+        return (self.device_id, self.created)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes this snapshot provisioned beyond its parent (containerd's Usage.Size)."""
+
+    size: int
