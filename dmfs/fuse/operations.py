@@ -25,7 +25,7 @@ from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole
 from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display, encode_key
 from dmfs.fuse.namespace import CONTROL, FS, Namespace
 from dmfs.fuse.permissions import is_admin, why_not_admin
-from dmfs.pool import Kind, SnapshotError, Snapshotter
+from dmfs.pool import Info, Kind, SnapshotError, Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,17 @@ class DmfsOperations(pyfuse3.Operations):
     def _check_admin(self, ctx: pyfuse3.RequestContext, operation: str, path: str) -> None:
         if not is_admin(ctx, self.admin_gid):
             self._refuse(errno.EACCES, operation, path, why_not_admin(ctx, self.admin_gid))
+
+    def _existing_node(self, parent_inode: int, name: bytes, operation: str, path: str,
+                       done: str) -> Info:
+        """The snapshot node ``name`` names: ENOENT if nothing, EPERM if not a node."""
+        inode = self.ns.child_inode(parent_inode, name)
+        node = self.ns.node(inode) if inode else None
+        if node is None:
+            if inode is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            self._refuse(errno.EPERM, operation, path, f"only snapshot nodes can be {done}")
+        return node
 
     # ------------------------------------------------------------------ attributes
     async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -236,12 +247,7 @@ class DmfsOperations(pyfuse3.Operations):
             self._refuse(errno.EPERM, "rename", path,
                          f"to {self.ns.path(parent_inode_new, name_new)}: a snapshot's "
                          "lineage cannot change (rename within its directory only)")
-        source_inode = self.ns.child_inode(parent_inode_old, name_old)
-        source = self.ns.node(source_inode) if source_inode else None
-        if source is None:
-            if source_inode is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            self._refuse(errno.EPERM, "rename", path, "only snapshot nodes can be renamed")
+        source = self._existing_node(parent_inode_old, name_old, "rename", path, "renamed")
         new_key = self._new_key(name_new, "rename", path)
         if self.engine.get(new_key) is not None or (name_new == FS and parent_inode_new
                                                      != inodes.ROOT):
@@ -266,12 +272,7 @@ class DmfsOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self.ns.path(parent_inode, name)
         self._check_admin(ctx, "rmdir", path)
-        inode = self.ns.child_inode(parent_inode, name)
-        node = self.ns.node(inode) if inode else None
-        if node is None:
-            if inode is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            self._refuse(errno.EPERM, "rmdir", path, "only snapshot nodes can be removed")
+        node = self._existing_node(parent_inode, name, "rmdir", path, "removed")
         try:
             await self.engine.remove(node.key)
         except SnapshotError as error:
