@@ -184,6 +184,15 @@ def directory_argument(text: str) -> Path:
     return path
 
 
+def new_directory_argument(text: str) -> Path:
+    """A directory that may not exist yet (``pool create`` makes it), under no file."""
+    path = Path(text).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a directory")
+    return path
+
+
 # ---- parsers -----------------------------------------------------------------------
 
 
@@ -258,8 +267,10 @@ def add_pool_parser(commands: argparse._SubParsersAction) -> None:
         ["dmfs pool create --loopback /var/lib/dmfs-pools --size 20GiB --name pool0"],
         notes=(f"sizes: {SIZE_EXAMPLES};\n"
                "every unit is 1024-based, as in containerd (10GB = 10GiB)."))
-    create.add_argument("--loopback", metavar="DIR", type=directory_argument, required=True,
-                        help="existing directory for the pool's files")
+    create.add_argument("--loopback", metavar="DIR", type=new_directory_argument,
+                        required=True,
+                        help="directory for the pool's files; made (mode 0700, with its "
+                             "parents) if missing")
     create.add_argument("--size", type=size_argument, required=True,
                         help="data size (the file is sparse: space is used as data is written)")
     create.add_argument("--name", type=pool_name_argument, required=True,
