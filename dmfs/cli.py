@@ -16,13 +16,13 @@ goes through ``logging``.
 The commands that need the snapshot engine come with it: ``mount``, ``status``,
 ``tree``, ``check``, ``demo``.  ``mount`` reads its config with
 :func:`dmfs.config.load_config` and checks the machine with
-:mod:`dmfs.preflight`.  It must also accept the calling convention of
-``mount.fuse3`` for fstab lines of type ``fuse.dmfs`` (contrib/fstab.example):
-``dmfs CONFIG MOUNTPOINT -o OPTIONS``, returning only once mounted (mount(8)
-waits for it).  With the example line, OPTIONS is ``rw,nodev,nosuid``:
-libmount keeps ``x-*`` options to itself and mount.fuse3 drops ``nofail`` and
-``_netdev``.  Under systemd (contrib/systemd/dmfs@.service, ``Type=notify``)
-it runs as ``dmfs mount FILE --foreground`` and calls
+:mod:`dmfs.preflight`.  mount(8) starts it as ``/sbin/mount.fuse.dmfs CONFIG
+MOUNTPOINT -o OPTIONS``, and mount.fuse3 as ``dmfs CONFIG MOUNTPOINT -o
+OPTIONS`` (fstab lines of type ``fuse.dmfs`` or ``dmfs#CONFIG ... fuse``,
+contrib/fstab.example); :mod:`dmfs.mount_helper` turns both into ``mount ...``,
+which returns only once mounted (mount(8) waits for it).  Under systemd
+(contrib/systemd/dmfs@.service, ``Type=notify``) it runs as ``dmfs mount FILE
+--foreground`` and calls
 ``dmfs.sdnotify.notify("READY=1")`` once mounted, ``"STOPPING=1"`` on SIGTERM.
 """
 
@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from dmfs import __version__
+from dmfs import __version__, mount_helper
 from dmfs.config import CONFIG_KEYS, LOG_LEVELS, Config, ConfigError, dm_name_problem, load_config
 from dmfs.pool.dm import DmError
 from dmfs.pool.drivers import DRIVERS
@@ -352,12 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def mount_helper_argv(argv: Sequence[str]) -> list[str]:
-    """mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o OPTIONS``: that means ``mount``."""
-    args = list(argv)
-    if args and not args[0].startswith("-") and os.path.isfile(args[0]):
-        return ["mount", *args]
-    return args
+def mount_helper_argv(argv: Sequence[str], parser: argparse.ArgumentParser,
+                      program: str = "dmfs") -> list[str]:
+    """The command line for ``parser``: a mount(8) or mount.fuse3 call (see
+    :mod:`dmfs.mount_helper`) becomes ``mount ...``; others stay as they are."""
+    if not mount_helper.is_helper_call(argv, program, mount_helper.command_names(parser)):
+        return list(argv)
+    try:
+        return mount_helper.helper_argv(argv)
+    except mount_helper.HelperCallError as error:
+        parser.exit(EXIT_USAGE, f"dmfs: error: {error}\n")
 
 
 # ---- commands ----------------------------------------------------------------------
@@ -423,7 +427,10 @@ def complete_path() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmfs`` console script; returns the exit status."""
     complete_path()
-    args = build_parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    program = sys.argv[0] if argv is None else "dmfs"
+    args = parser.parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv, parser,
+                                               program))
     setup_logging(args.log_level, args.log_format)
     try:
         return args.run(args)
