@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from dmfs import __version__, mount_helper
+from dmfs import mount_helper
 from dmfs.config import CONFIG_KEYS, LOG_LEVELS, Config, ConfigError, dm_name_problem, load_config
 from dmfs.pool.dm import DmError
 from dmfs.pool.drivers import DRIVERS
@@ -59,6 +59,7 @@ from dmfs.preflight import (
     require_tool,
 )
 from dmfs.units import SIZE_EXAMPLES, format_size, parse_size
+from dmfs.version_info import VersionAction
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show the snapshots of a device-mapper thin pool as a directory tree.",
         epilog=EXIT_STATUS_HELP)
-    parser.add_argument("--version", action="version", version=f"dmfs {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The engine's commands import this module for its helpers: load them here.
     from dmfs.cli_engine import add_engine_parsers

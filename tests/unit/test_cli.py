@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,33 @@ import pytest
 
 from dmfs import __version__
 from dmfs.cli import build_parser, main, setup_logging
+from dmfs.version_info import kernel_release, symlink_caching
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_names_the_libraries_and_kernel_features(
+        capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"dmfs {__version__}"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"dmfs {__version__}"
+    rows = dict(line.split(None, 1) for line in lines[1:])
+    assert rows["pyfuse3"] == importlib.metadata.version("pyfuse3")
+    assert rows["libfuse"].startswith("3.")
+    assert rows["kernel"] == platform.release()
+    assert rows["features"].startswith("FUSE symlink caching (FUSE_CAP_CACHE_SYMLINKS) ")
+
+
+@pytest.mark.parametrize(("pyfuse3_can", "kernel", "phrase"), [
+    (True, (6, 1), "in use"),
+    (False, (6, 1), "not in use, this pyfuse3 cannot request it"),
+    (True, (4, 19), "not available (needs Linux 4.20 or later)"),
+    (None, None, "unknown (pyfuse3 cannot be imported)"),
+])
+def test_symlink_caching_phrase(pyfuse3_can: bool | None, kernel: tuple[int, int] | None,
+                                phrase: str) -> None:
+    assert symlink_caching(pyfuse3_can, kernel) == phrase
+    assert kernel_release("4.19.0-21-amd64")[1] == (4, 19)
 
 
 def test_module_entry_point_help() -> None:
