@@ -20,6 +20,12 @@ Two calling conventions reach dmfs for a FUSE filesystem of type ``fuse.dmfs``
 
 Both become ``dmfs mount CONFIG MOUNTPOINT -o OPTIONS`` (``--fake`` for ``-f``),
 which returns once the tree is mounted, as mount(8) expects.
+
+``mount -a`` skips a line whose filesystem is mounted already, by comparing
+/proc/self/mountinfo with fstab.  For ``dmfs#CONFIG`` lines it cannot (the
+mount's type is fuse.dmfs and its source CONFIG, the line's ``fuse`` and
+``dmfs#CONFIG``) and calls the helper again: a tree that a live dmfs already
+serves for that CONFIG at that MOUNTPOINT is then left as it is, with success.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from dmfs.pool.fs import mountinfo
 
 #: mount(8)'s helper flags that ask nothing of dmfs: sloppy, no mtab, verbose
 IGNORED_FLAGS = frozenset({"-s", "-n", "-v"})
@@ -92,5 +101,23 @@ def helper_argv(argv: Sequence[str]) -> list[str]:
             f"mountpoint {positional[1]}: the drop_privileges mount option is not supported "
             f"(dmfs needs root and mounts the tree itself); remove it")
     merged = ",".join(option for option in options if option)
+    if len(positional) == 2 and already_served(*positional):
+        fake = True
     return ["mount", *positional, *(["-o", merged] if merged else []),
             *(["--fake"] if fake else [])]
+
+
+def already_served(config: str, mountpoint: str) -> bool:
+    """A live dmfs serves ``config`` at ``mountpoint`` (the last mount there is dmfs's
+    tree of that config, and it answers)."""
+    target = Path(os.path.abspath(mountpoint))
+    entries = [entry for entry in mountinfo() if entry.mountpoint == target]
+    if not entries or entries[-1].fs_type != "fuse.dmfs":
+        return False
+    if os.path.abspath(entries[-1].source) != os.path.abspath(config):
+        return False
+    try:
+        os.stat(target)  # ENOTCONN when its daemon died: `dmfs mount` clears that
+    except OSError:
+        return False
+    return True

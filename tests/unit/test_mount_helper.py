@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from dmfs import mount_helper
 from dmfs.cli import build_parser, main, mount_helper_argv
 from dmfs.mount_helper import HelperCallError, command_names, helper_argv, is_helper_call
+from dmfs.pool.fs import MountEntry
 
 COMMANDS = command_names(build_parser())
 
@@ -81,3 +83,17 @@ def test_fake_mount_checks_the_config_and_mounts_nothing(tmp_path: Path) -> None
     assert main([str(config), str(tmp_path / "m"), "-f", "-o", "ro"]) == 2
     config.write_text('[dmfs]\npool_name = "p"\n')
     assert main([str(config), str(tmp_path / "m"), "-f"]) == 2
+
+
+def test_a_tree_already_served_there_is_left_alone(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """mount -a cannot tell that a dmfs#CONFIG line is mounted and calls again."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    entries = [MountEntry((0, 40), mountpoint, "fuse.dmfs", "/etc/dmfs/p.toml", False)]
+    monkeypatch.setattr(mount_helper, "mountinfo", lambda: entries)
+    call = [str(mountpoint), "-o", "rw,nodev,suid"]
+    assert helper_argv(["/etc/dmfs/p.toml", *call])[-1] == "--fake"
+    assert helper_argv(["/etc/dmfs/other.toml", *call])[-1] != "--fake"
+    entries.append(MountEntry((0, 41), mountpoint, "tmpfs", "tmpfs", False))  # on top of it
+    assert helper_argv(["/etc/dmfs/p.toml", *call])[-1] != "--fake"
