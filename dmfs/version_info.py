@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.metadata
+import os
 import platform
 import re
 import sys
@@ -98,5 +99,8 @@ class VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        print(version_report())
+        try:
+            print(version_report(), flush=True)
+        except BrokenPipeError:  # `dmfs --version | head -n 1`: the reader has had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         parser.exit()
