@@ -1,5 +1,7 @@
 """The production install (contrib/install --system) from a clean clone, used, removed.
 
+The clone holds what is committed: commit before running this test.
+
 It installs into the guest's own / (a tmpfs overlay: everything written there is
 thrown away when the guest powers off).  The guest has no network, so pip takes
 dmfs's libraries and build tools from the wheels contrib/install collected on the
@@ -114,9 +116,8 @@ def test_install_use_and_uninstall(scratch_dir: Path, thin_pool: LoopPool) -> No
     assert (verify.returncode, verify.stderr) == (0, "")
     found = Path(sh("man", "-w", "dmfs").stdout.strip())  # Debian: /usr/local/man -> share/man
     assert found.resolve() == Path("/usr/local/share/man/man8/dmfs.8")
-    version = sh("dmfs", "--version").stdout
-    assert version.startswith("dmfs ") and "python    3.11" in version
-    assert str(PREFIX / "bin" / "python") in version
+    version = sh("dmfs", "--version").stdout  # found on PATH, run from the venv
+    assert version.startswith("dmfs ") and f"({PREFIX / 'bin' / 'python'})" in version
 
     # The user's configuration, and the tree served through mount(8) from fstab lines:
     # /sbin/mount.fuse.dmfs for type fuse.dmfs, mount.fuse3 running `dmfs` for dmfs#.
