@@ -18,12 +18,12 @@ from __future__ import annotations
 import difflib
 import grp
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dmfs.filesystems import DEFAULT_FS_TYPE, FILESYSTEMS, FS_TYPES, fs_options_problem
 from dmfs.units import SECTOR_SIZE, SIZE_EXAMPLES, format_size, parse_duration, parse_size
 
 try:
@@ -47,11 +47,11 @@ class Config:
     root_path: Path | None = None
     #: directory of the snapshot mountpoints; default /run/dmfs/<pool_name>
     runtime_path: Path | None = None
-    #: filesystem made on the base device (only ext4 for now)
-    fs_type: str = "ext4"
-    #: extra mkfs options, as one shell-style string
+    #: filesystem made on the base device: "ext4" or "xfs" (dmfs.filesystems.FILESYSTEMS)
+    fs_type: str = DEFAULT_FS_TYPE
+    #: mkfs arguments (leading "-"), or for ext4 mkfs.ext4's -E list as containerd reads it
     fs_options: str = ""
-    #: let mkfs initialise inode tables lazily (faster base creation, background writes)
+    #: let mkfs.ext4 initialise inode tables lazily (faster base creation, background writes)
     mkfs_lazy_init: bool = False
     #: discard a snapshot's blocks before deleting its thin device
     discard_blocks: bool = False
@@ -112,7 +112,6 @@ CONFIG_TABLES: dict[tuple[str, ...], str] = {
     ("plugins", "io.containerd.snapshotter.v1.devmapper"):
         '[plugins."io.containerd.snapshotter.v1.devmapper"]',
 }
-FS_TYPES = ("ext4",)
 #: The device-mapper drivers (opened by dmfs.pool.drivers): "ioctl" speaks to
 #: /dev/mapper/control directly (default); "dmsetup" runs the command.  Defined
 #: here, not in the pool layer, because the pool imports this module.
@@ -225,16 +224,9 @@ def _choice(choices: tuple[str, ...], what: str) -> Callable[[Any], str]:
 def _fs_type(value: Any) -> str:
     text = _string(value)
     if text not in FS_TYPES:
-        raise _Invalid(f"{text!r} is not supported; dmfs makes ext4 filesystems only")
-    return text
-
-
-def _fs_options(value: Any) -> str:
-    text = _string(value)
-    try:
-        shlex.split(text)
-    except ValueError as error:
-        raise _Invalid(f"{text!r} cannot be split into mkfs arguments: {error}") from None
+        allowed = " or ".join(repr(name) for name in FS_TYPES)
+        raise _Invalid(f"{text!r} is not supported{_suggestion(text, FS_TYPES)}; dmfs makes "
+                       f"{allowed} filesystems")
     return text
 
 
@@ -300,7 +292,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "root_path": _root_path,
     "runtime_path": _absolute_path,
     "fs_type": _fs_type,
-    "fs_options": _fs_options,
+    "fs_options": _string,
     "mkfs_lazy_init": _boolean,
     "discard_blocks": _boolean,
     "async_remove": _boolean,
@@ -372,7 +364,25 @@ def config_from_table(table: dict[str, Any], path: Path, label: str = "[dmfs]") 
             values[key] = _KEYS[key](value)
         except _Invalid as invalid:
             raise ConfigError(path, str(invalid), table=label, key=key) from None
-    return Config(**values, source=path)
+    config = Config(**values, source=path)
+    _check_filesystem(config, path, label)
+    return config
+
+
+def _check_filesystem(config: Config, path: Path, label: str) -> None:
+    """The settings that only make sense together: fs_type with fs_options,
+    mkfs_lazy_init and the smallest base_image_size its mkfs accepts."""
+    problem = fs_options_problem(config.fs_type, config.fs_options,
+                                 lazy_init=config.mkfs_lazy_init)
+    if problem:
+        raise ConfigError(path, problem, table=label, key="fs_options")
+    filesystem = FILESYSTEMS[config.fs_type]
+    if config.base_image_size < filesystem.min_size:
+        raise ConfigError(path, f"{format_size(config.base_image_size)} is less than the "
+                          f"smallest {config.fs_type} filesystem {filesystem.mkfs} makes, "
+                          f"{format_size(filesystem.min_size)} (a thin device is sparse: a "
+                          f"bigger size costs nothing until written)", table=label,
+                          key="base_image_size")
 
 
 def load_config(path: Path | str) -> Config:

@@ -144,6 +144,15 @@ def directory_argument(text: str) -> Path:
     return path
 
 
+def new_directory_argument(text: str) -> Path:
+    """A directory that may not exist yet (``pool create`` makes it), under no file."""
+    path = Path(text).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a directory")
+    return path
+
+
 # ---- parsers -----------------------------------------------------------------------
 
 

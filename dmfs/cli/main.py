@@ -7,8 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dmfs import __version__
-from dmfs.cli import config, demo, inspect, mount, pool
+from dmfs.cli import config, demo, inspect, mount, mount_helper, pool
 from dmfs.cli.common import (
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
@@ -23,6 +22,7 @@ from dmfs.cli.common import (
     setup_logging,
 )
 from dmfs.cli.preflight import EnvironmentProblem
+from dmfs.cli.version_info import VersionAction
 from dmfs.config import ConfigError
 from dmfs.pool import DmError, PoolAdminError
 
@@ -37,25 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show the snapshots of a device-mapper thin pool as a directory tree.",
         epilog=EXIT_STATUS_HELP)
-    parser.add_argument("--version", action="version", version=f"dmfs {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for family in COMMANDS:
         family.add_parser(commands)
     return parser
 
 
-def mount_helper_argv(argv: Sequence[str]) -> list[str]:
-    """mount.fuse3 runs ``dmfs CONFIG MOUNTPOINT -o OPTIONS``: that means ``mount``."""
-    args = list(argv)
-    if args and not args[0].startswith("-") and os.path.isfile(args[0]):
-        return ["mount", *args]
-    return args
+def mount_helper_argv(argv: Sequence[str], parser: argparse.ArgumentParser,
+                      program: str = "dmfs") -> list[str]:
+    """The command line for ``parser``: a mount(8) or mount.fuse3 call (see
+    :mod:`dmfs.cli.mount_helper`) becomes ``mount ...``; others stay as they are."""
+    if not mount_helper.is_helper_call(argv, program, mount_helper.command_names(parser)):
+        return list(argv)
+    try:
+        return mount_helper.helper_argv(argv)
+    except mount_helper.HelperCallError as error:
+        parser.exit(EXIT_USAGE, f"dmfs: error: {error}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmfs`` console script; returns the exit status."""
     complete_path()
-    args = build_parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    program = sys.argv[0] if argv is None else "dmfs"
+    args = parser.parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv, parser,
+                                               program))
     setup_logging(args.log_level, args.log_format)
     try:
         return args.run(args)

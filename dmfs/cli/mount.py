@@ -87,6 +87,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="mount options, see below")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="serve in this process, log to stderr, notify systemd when ready")
+    mount.add_argument("--fake", action="store_true",
+                       help="check CONFIG, the options and the mountpoint's name, then stop "
+                            "without mounting (what `mount -f` asks of a mount helper)")
     mount.set_defaults(run=run_mount)
 
 
@@ -145,6 +148,8 @@ def run_mount(args: argparse.Namespace) -> int:
     if mountpoint is None:
         raise UsageError(f"no MOUNTPOINT given and {args.config} sets no mountpoint")
     mountpoint = Path(os.path.abspath(mountpoint))
+    if args.fake:
+        return EXIT_OK
     logging.getLogger("dmfs").setLevel(config.log_level.upper())
     require_root("dmfs mount")
     require_device_mapper()

@@ -18,6 +18,7 @@ from dmfs.cli.common import (
     emit,
     json_option,
     low_water_argument,
+    new_directory_argument,
     pool_name_argument,
     size_argument,
 )
@@ -67,8 +68,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         ["dmfs pool create --loopback /var/lib/dmfs-pools --size 20GiB --name pool0"],
         notes=(f"sizes: {SIZE_EXAMPLES};\n"
                "every unit is 1024-based, as in containerd (10GB = 10GiB)."))
-    create.add_argument("--loopback", metavar="DIR", type=directory_argument, required=True,
-                        help="existing directory for the pool's files")
+    create.add_argument("--loopback", metavar="DIR", type=new_directory_argument,
+                        required=True,
+                        help="directory for the pool's files; made (mode 0700, with its "
+                             "parents) if missing")
     create.add_argument("--size", type=size_argument, required=True,
                         help="data size (the file is sparse: space is used as data is written)")
     create.add_argument("--name", type=pool_name_argument, required=True,
@@ -148,6 +151,7 @@ def created_lines(report: PoolReport) -> list[str]:
     percent = 100 * report.low_water_blocks / max(report.total_data_blocks, 1)
     metadata_size = format_size(report.metadata_size) if report.metadata_size else "?"
     return [
+        *(f"  made       directory {path}" for path in report.created_directories),
         f"pool {report.name} {verb}: {report.device}",
         f"  data       {report.data_file or '-'} on {report.data_device}, "
         f"{format_size(report.data_size)} = {report.total_data_blocks} blocks of "

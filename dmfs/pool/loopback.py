@@ -25,6 +25,7 @@ that says what to do.  The text for the terminal is the CLI's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -83,6 +84,8 @@ class PoolReport:
     low_water_blocks: int
     features: list[str]
     mode: str
+    #: the directories this call made for the files (--loopback DIR and its parents)
+    created_directories: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -214,6 +217,37 @@ def _check_free_space(spec: LoopPoolSpec) -> None:
             f"smaller --size, or --overcommit to accept that risk")
 
 
+#: Mode of a pool directory dmfs makes: the files hold every snapshot's data.
+POOL_DIRECTORY_MODE = 0o700
+
+
+def make_pool_directory(directory: Path) -> list[Path]:
+    """Make ``directory`` and its missing parents, as ``mkdir -p -m 0700`` does
+    (the parents 0755); the directories made, outermost first."""
+    missing = [path for path in (directory, *directory.parents) if not path.exists()]
+    made = []
+    try:
+        for path in reversed(missing):
+            mode = POOL_DIRECTORY_MODE if path == directory else 0o755
+            os.mkdir(path, mode)
+            made.append(path)
+            os.chmod(path, mode)  # whatever the umask
+    except OSError as error:
+        remove_directories(made)
+        raise PoolAdminError(f"cannot make the directory {error.filename}: "
+                             f"{error.strerror}") from None
+    for path in made:
+        log.debug("made directory %s", path)
+    return made
+
+
+def remove_directories(made: list[Path]) -> None:
+    """Undo :func:`make_pool_directory` (innermost first; only empty directories)."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
 def create_loop_pool(dm: DeviceMapper, spec: LoopPoolSpec, *,
                      overcommit: bool = False) -> PoolReport:
     """Create (or find, or re-activate) the loop-backed pool ``spec`` describes.
@@ -225,8 +259,13 @@ def create_loop_pool(dm: DeviceMapper, spec: LoopPoolSpec, *,
     if existing is not None:
         log.debug("pool %s already runs on %s; nothing to do", spec.name, spec.data_file)
         return existing
+    made_directories = make_pool_directory(spec.directory)
     if not overcommit:
-        _check_free_space(spec)
+        try:
+            _check_free_space(spec)
+        except PoolAdminError:
+            remove_directories(made_directories)
+            raise
 
     # Metadata the kernel has written to is a pool to re-open, not a new one; the
     # kernel would quietly grow or refuse it on a data file of another size.
@@ -274,11 +313,13 @@ def create_loop_pool(dm: DeviceMapper, spec: LoopPoolSpec, *,
             detach_loop_quietly(loop.path)
         for path in created_files:
             path.unlink(missing_ok=True)
+        remove_directories(made_directories)
         raise
     log.debug("created pool %s on %s and %s", spec.name, loops["data"].path,
              loops["metadata"].path)
     report = _report(dm, spec.name, dm.table(spec.name)[0], created=True, spec=spec,
                      reactivated=reactivated)
+    report.created_directories = [str(path) for path in made_directories]
     # A re-activated full pool is legitimately out_of_data_space; ro or fail is damage.
     if report.mode in ("ro", "fail"):
         raise PoolAdminError(f"pool {spec.name} is active but in mode {report.mode}: see dmesg; "

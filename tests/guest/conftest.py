@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmfs.config import Config
+from dmfs.filesystems import DEFAULT_FS_TYPE, FILESYSTEMS
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import LoopPool, loop_pool
 from tests.support.tree import MountedTree, write_config
@@ -18,6 +19,11 @@ from tests.support.tree import MountedTree, write_config
 #: device-mapper drivers the engine suite runs on
 DRIVERS = ["dmsetup"] + (["ioctl"] if importlib.util.find_spec("dmfs.pool.dmioctl") else [])
 BASE_IMAGE_SIZE = 64 * 2**20
+
+
+def base_image_size(fs_type: str) -> int:
+    """The test pools' base device: small, but not below what mkfs makes (xfs: 300MiB)."""
+    return max(BASE_IMAGE_SIZE, FILESYSTEMS[fs_type].min_size)
 
 
 @pytest.fixture
@@ -45,11 +51,18 @@ def driver(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def engine_config(thin_pool: LoopPool, scratch_dir: Path, driver: str) -> Config:
+def fs_type() -> str:
+    """The filesystem of the test pool's snapshots; a test runs on others with
+    ``@pytest.mark.parametrize("fs_type", [...])``, which overrides this."""
+    return DEFAULT_FS_TYPE
+
+
+@pytest.fixture
+def engine_config(thin_pool: LoopPool, scratch_dir: Path, driver: str, fs_type: str) -> Config:
     """Config for an engine on the test pool, state and mounts in scratch."""
-    return Config(pool_name=thin_pool.name, base_image_size=BASE_IMAGE_SIZE,
+    return Config(pool_name=thin_pool.name, base_image_size=base_image_size(fs_type),
                   root_path=scratch_dir / "state", runtime_path=scratch_dir / "run",
-                  driver=driver, idle_timeout=3600)
+                  driver=driver, idle_timeout=3600, fs_type=fs_type)
 
 
 @pytest.fixture
@@ -60,9 +73,11 @@ async def engine(engine_config: Config) -> AsyncIterator[Snapshotter]:
 
 
 @pytest.fixture
-def tree_config(thin_pool: LoopPool, scratch_dir: Path) -> Path:
+def tree_config(thin_pool: LoopPool, scratch_dir: Path, fs_type: str) -> Path:
     """A config file for dmfs on the test pool (default driver)."""
-    return write_config(scratch_dir, thin_pool.name)
+    settings = {} if fs_type == DEFAULT_FS_TYPE else {
+        "fs_type": fs_type, "base_image_size": base_image_size(fs_type)}
+    return write_config(scratch_dir, thin_pool.name, **settings)
 
 
 @pytest.fixture

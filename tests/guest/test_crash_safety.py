@@ -21,9 +21,11 @@ import trio
 
 from dmfs.config import Config
 from dmfs.pool import fs
+from dmfs.pool.drivers import DRIVERS as DRIVER_NAMES
 from dmfs.pool.failpoints import FAILPOINTS
 from dmfs.pool.metadata import Kind
 from dmfs.pool.snapshotter import Snapshotter
+from tests.guest.conftest import DRIVERS
 from tests.support.engine_op import config_to_json
 
 pytestmark = pytest.mark.udev_default_driver_only
@@ -93,7 +95,26 @@ def failpoints(prefix: str) -> list[str]:
     return [name for name in FAILPOINTS if name.startswith(prefix)]
 
 
-@pytest.mark.parametrize("failpoint", failpoints("prepare:"))
+#: The cases that also run on xfs (default driver only): per operation, the step where
+#: a filesystem has just been mounted, unmounted or made when the process dies.
+XFS_FAILPOINTS = ("prepare:after-mount", "commit:after-unmount", "remove:after-unmount",
+                  "base:after-mkfs")
+
+
+def cases(prefix: str) -> list:  # type: ignore[type-arg]
+    """(failpoint, fs_type, driver): every failpoint on ext4 with each driver, and the
+    basic ones of XFS_FAILPOINTS on xfs."""
+    return ([pytest.param(name, "ext4", driver, id=f"{driver}-{name}")
+             for name in failpoints(prefix) for driver in DRIVERS]
+            + [pytest.param(name, "xfs", DEFAULT_DRIVER, id=f"xfs-{name}")
+               for name in failpoints(prefix) if name in XFS_FAILPOINTS])
+
+
+CASE_NAMES = ("failpoint", "fs_type", "driver")
+DEFAULT_DRIVER = DRIVER_NAMES[0]
+
+
+@pytest.mark.parametrize(CASE_NAMES, cases("prepare:"))
 async def test_killed_during_prepare(engine_config: Config, failpoint: str) -> None:
     await setup_layers(engine_config)
     run_op_until_failpoint(engine_config, failpoint, "prepare", "new", "l1")
@@ -107,7 +128,7 @@ async def test_killed_during_prepare(engine_config: Config, failpoint: str) -> N
         assert (await engine.stat("new")).kind is Kind.ACTIVE
 
 
-@pytest.mark.parametrize("failpoint", failpoints("commit:"))
+@pytest.mark.parametrize(CASE_NAMES, cases("commit:"))
 async def test_killed_during_commit(engine_config: Config, failpoint: str) -> None:
     await setup_layers(engine_config)
     run_op_until_failpoint(engine_config, failpoint, "commit", "l2", "work")
@@ -125,7 +146,7 @@ async def test_killed_during_commit(engine_config: Config, failpoint: str) -> No
         assert await file_in(engine, "l2", "f2") == "work in progress"
 
 
-@pytest.mark.parametrize("failpoint", failpoints("remove:"))
+@pytest.mark.parametrize(CASE_NAMES, cases("remove:"))
 async def test_killed_during_remove(engine_config: Config, failpoint: str) -> None:
     await setup_layers(engine_config)
     run_op_until_failpoint(engine_config, failpoint, "remove", "work")
@@ -140,7 +161,7 @@ async def test_killed_during_remove(engine_config: Config, failpoint: str) -> No
         assert not (await engine.mountpoint("work") / "f2").exists()
 
 
-@pytest.mark.parametrize("failpoint", failpoints("base:"))
+@pytest.mark.parametrize(CASE_NAMES, cases("base:"))
 async def test_killed_while_making_the_base_device(engine_config: Config,
                                                    failpoint: str) -> None:
     run_op_until_failpoint(engine_config, failpoint, "open")
@@ -148,4 +169,5 @@ async def test_killed_while_making_the_base_device(engine_config: Config,
     async with Snapshotter.open(engine_config) as engine:
         info = await engine.prepare("first")
         assert info.mountpoint is not None
-        assert sorted(os.listdir(info.mountpoint)) == ["lost+found"]
+        made_by_mkfs = {"ext4": ["lost+found"], "xfs": []}[engine_config.fs_type]
+        assert sorted(os.listdir(info.mountpoint)) == made_by_mkfs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -105,6 +106,37 @@ def test_create_twice_is_harmless_and_reports_the_same_pool(scratch_dir: Path,
                 "--size", "256MiB", "--block-size", "128KiB", "--low-water", "25%")
     assert text.returncode == 0
     assert text.stdout.startswith(f"pool {pool_name} already exists: /dev/mapper/{pool_name}\n")
+
+
+def test_create_makes_a_missing_directory_and_says_so(scratch_dir: Path,
+                                                     pool_name: str) -> None:
+    directory = scratch_dir / "var" / "pools"
+    # A create that fails after making the directory takes it away again.
+    refused = dmfs("pool", "create", "--loopback", str(directory), "--name", pool_name,
+                   "--size", "1PiB")
+    assert refused.returncode == 1 and "free but the pool's files can grow" in refused.stderr
+    assert list(scratch_dir.iterdir()) == []
+    try:
+        result = dmfs("pool", "create", "--loopback", str(directory), "--name", pool_name,
+                      "--size", "64MiB")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"  made       directory {scratch_dir / 'var'}\n"
+                                        f"  made       directory {directory}\n"
+                                        f"pool {pool_name} created: ")
+        assert oct(directory.stat().st_mode & 0o7777) == "0o700"
+        assert oct(directory.parent.stat().st_mode & 0o7777) == "0o755"
+        assert (directory / f"{pool_name}.data").exists()
+        again = create(directory, pool_name, "--size", "64MiB")
+        assert again["created_directories"] == [] and not again["created"]
+    finally:
+        tear_down(directory, pool_name)
+    # --json names them as well.
+    shutil.rmtree(scratch_dir / "var")
+    try:
+        report = create(directory, pool_name, "--size", "64MiB")
+        assert report["created_directories"] == [str(scratch_dir / "var"), str(directory)]
+    finally:
+        tear_down(directory, pool_name)
 
 
 def test_created_pool_works_and_signals_the_low_water_mark(scratch_dir: Path,

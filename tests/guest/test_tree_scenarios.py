@@ -14,6 +14,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
+from dmfs.pool import fs
 from tests.support.fsmodel import tree as describe
 from tests.support.loop_pool import LoopPool, loop_pool, run
 from tests.support.tree import MountedTree, errno_of, write_config
@@ -27,8 +30,10 @@ def sh(script: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     return result
 
 
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
 def test_layered_build_matches_a_plain_directory_at_every_node(tree: MountedTree,
-                                                              scratch_dir: Path) -> None:
+                                                              scratch_dir: Path,
+                                                              fs_type: str) -> None:
     model = scratch_dir / "model"
     model.mkdir(mode=0o755)
     expected: dict[str, dict[str, tuple]] = {}
@@ -40,6 +45,8 @@ def test_layered_build_matches_a_plain_directory_at_every_node(tree: MountedTree
         sh(script, cwd=model)
 
     sh("mkdir base", cwd=m)
+    mounts = {entry.mountpoint: entry for entry in fs.mountinfo()}
+    assert mounts[Path(os.readlink(m / "base" / "fs"))].fs_type == fs_type
     step("mkdir -p etc usr/bin && echo root > etc/owner && printf 'x%.0s' $(seq 5000) > "
          "usr/bin/tool && chmod 755 usr/bin/tool && ln -s ../usr/bin/tool etc/tool", "base")
     sh("mv base base-c", cwd=m)

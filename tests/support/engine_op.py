@@ -34,7 +34,7 @@ def config_to_json(config: Config) -> str:
         "pool_name": config.pool_name, "base_image_size": config.base_image_size,
         "root_path": str(config.root_path), "runtime_path": str(config.runtime_path),
         "driver": config.driver, "async_remove": config.async_remove,
-        "idle_timeout": config.idle_timeout,
+        "idle_timeout": config.idle_timeout, "fs_type": config.fs_type,
     })
 
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,33 @@ import pytest
 from dmfs import __version__
 from dmfs.cli import build_parser, main
 from dmfs.cli.common import setup_logging
+from dmfs.cli.version_info import kernel_release, symlink_caching
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_names_the_libraries_and_kernel_features(
+        capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"dmfs {__version__}"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"dmfs {__version__}"
+    rows = dict(line.split(None, 1) for line in lines[1:])
+    assert rows["pyfuse3"] == importlib.metadata.version("pyfuse3")
+    assert rows["libfuse"].startswith("3.")
+    assert rows["kernel"] == platform.release()
+    assert rows["features"].startswith("FUSE symlink caching (FUSE_CAP_CACHE_SYMLINKS) ")
+
+
+@pytest.mark.parametrize(("pyfuse3_can", "kernel", "phrase"), [
+    (True, (6, 1), "in use"),
+    (False, (6, 1), "not in use, this pyfuse3 cannot request it"),
+    (True, (4, 19), "not available (needs Linux 4.20 or later)"),
+    (None, None, "unknown (pyfuse3 cannot be imported)"),
+])
+def test_symlink_caching_phrase(pyfuse3_can: bool | None, kernel: tuple[int, int] | None,
+                                phrase: str) -> None:
+    assert symlink_caching(pyfuse3_can, kernel) == phrase
+    assert kernel_release("4.19.0-21-amd64")[1] == (4, 19)
 
 
 def test_module_entry_point_help() -> None:
@@ -72,7 +94,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (("pool", "create", "--size", "1G", "--name", "p"), "required: --loopback"),
     (("pool", "create", "--loopback", "/", "--name", "p"), "required: --size"),
     (("pool", "create", "--loopback", "/", "--size", "1G"), "required: --name"),
-    (("pool", "create", "--loopback", "/no/such/dir", "--size", "1G", "--name", "p"),
+    (("pool", "create", "--loopback", "/etc/passwd/pools", "--size", "1G", "--name", "p"),
+     "argument --loopback: /etc/passwd/pools: /etc/passwd is not a directory"),
+    (("pool", "destroy", "--loopback", "/no/such/dir", "--name", "p"),
      "argument --loopback: /no/such/dir: no such directory"),
     (("pool", "create", "--loopback", "/", "--size", "1XB", "--name", "p"),
      "argument --size: '1XB' is not a size"),

@@ -14,6 +14,7 @@ from dmfs.config import (
     dm_name_problem,
     load_config,
 )
+from dmfs.filesystems import mkfs_argv, mount_options
 
 REQUIRED = 'pool_name = "pool0"\nbase_image_size = "10GB"\n'
 EXAMPLE = Path(__file__).parents[2] / "contrib" / "dmfs.toml.example"
@@ -181,7 +182,9 @@ def test_the_shipped_example_documents_every_key() -> None:
     (f'[dmfs]\n{REQUIRED}mountpoint = "srv"\n', "mountpoint", "not an absolute path"),
     (f'[dmfs]\n{REQUIRED}mountpoint = ""\n', "mountpoint", "not an absolute path"),
     # choices
-    (f'[dmfs]\n{REQUIRED}fs_type = "xfs"\n', "fs_type", "'xfs' is not supported"),
+    (f'[dmfs]\n{REQUIRED}fs_type = "btrfs"\n', "fs_type",
+     "'btrfs' is not supported; dmfs makes 'ext4' or 'xfs' filesystems"),
+    (f'[dmfs]\n{REQUIRED}fs_type = "xf"\n', "fs_type", "(did you mean 'xfs'?)"),
     (f'[dmfs]\n{REQUIRED}driver = "dmsteup"\n', "driver",
      "unknown driver 'dmsteup' (did you mean 'dmsetup'?)"),
     (f'[dmfs]\n{REQUIRED}driver = "lvm"\n', "driver", "expected one of 'ioctl', 'dmsetup'"),
@@ -191,6 +194,17 @@ def test_the_shipped_example_documents_every_key() -> None:
     # other values
     (f'[dmfs]\n{REQUIRED}fs_options = "-L \'unclosed"\n', "fs_options",
      "cannot be split into mkfs arguments"),
+    # filesystem settings that do not go together
+    (f'[dmfs]\n{REQUIRED}fs_options = "nodiscard, lazy_itable_init=1"\n', "fs_options",
+     "read as mkfs.ext4's -E list, as containerd reads it"),
+    (f'[dmfs]\n{REQUIRED}fs_options = "lazy_itable_init=1"\nmkfs_lazy_init = true\n',
+     "fs_options", "add lazy_itable_init=1,lazy_journal_init=1 to fs_options instead"),
+    (f'[dmfs]\n{REQUIRED}fs_type = "xfs"\nfs_options = "nodiscard"\n', "fs_options",
+     "for xfs, fs_options are mkfs.xfs arguments starting with '-'"),
+    (f'[dmfs]\n{REQUIRED}fs_type = "xfs"\nmkfs_lazy_init = true\n', "fs_options",
+     "mkfs_lazy_init applies to ext4 only"),
+    ('[dmfs]\npool_name = "x"\nbase_image_size = "299MiB"\nfs_type = "xfs"\n',
+     "base_image_size", "299MiB is less than the smallest xfs filesystem mkfs.xfs makes, 300MiB"),
     (f'[dmfs]\n{REQUIRED}admin_group = "no-such-group-dmfs"\n', "admin_group",
      "no group named 'no-such-group-dmfs'"),
     (f"[dmfs]\n{REQUIRED}admin_group = -3\n", "admin_group", "negative"),
@@ -262,3 +276,31 @@ def test_the_example_shows_the_defaults(tmp_path: Path) -> None:
     assert uncommented.runtime_dir == commented.runtime_dir
     uncommented.root_path = uncommented.runtime_path = None
     assert uncommented == commented
+
+
+@pytest.mark.parametrize(("settings", "argv"), [
+    ("", ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+          "/dev/d"]),
+    ("mkfs_lazy_init = true",
+     ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+      "/dev/d"]),
+    # containerd's meaning: the whole -E list
+    ('fs_options = "lazy_itable_init=1,packed_meta_blocks=1"',
+     ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,packed_meta_blocks=1", "/dev/d"]),
+    # dmfs's own: mkfs arguments after its defaults
+    ('fs_options = "-O ^has_journal -L \'my base\'"',
+     ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+      "-O", "^has_journal", "-L", "my base", "/dev/d"]),
+    ('fs_type = "xfs"', ["mkfs.xfs", "-q", "-f", "-K", "/dev/d"]),
+    ('fs_type = "xfs"\nfs_options = "-m reflink=0"',
+     ["mkfs.xfs", "-q", "-f", "-K", "-m", "reflink=0", "/dev/d"]),
+])
+def test_mkfs_command_line(tmp_path: Path, settings: str, argv: list[str]) -> None:
+    config = load_config(write(tmp_path, f"[dmfs]\n{REQUIRED}{settings}\n"))
+    assert mkfs_argv(config.fs_type, "/dev/d", config.fs_options,
+                     lazy_init=config.mkfs_lazy_init) == argv
+
+
+def test_xfs_snapshots_mount_with_nouuid_and_ext4_with_nothing_extra() -> None:
+    assert mount_options("xfs") == "nouuid"
+    assert mount_options("ext4") == ""

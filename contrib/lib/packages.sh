@@ -1,0 +1,24 @@
+# Debian packages for dmfs; sourced by contrib/install and contrib/install-system.
+
+# What dmfs needs to run, and to build pyfuse3 (which has no wheel: pip compiles it
+# against libfuse3-dev): Python with venv, FUSE, device-mapper and thin-pool tools,
+# mkfs for ext4 and xfs, losetup, getfattr/setfattr.
+dmfs_runtime_packages=(
+	python3 python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3
+	kmod dmsetup thin-provisioning-tools e2fsprogs xfsprogs util-linux attr
+)
+
+# install_debian_packages PACKAGE...: apt-get install the ones not installed yet.
+install_debian_packages() {
+	local package missing=()
+	for package in "$@"; do
+		dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' ||
+			missing+=("$package")
+	done
+	((${#missing[@]})) || return 0
+	printf '\n==> installing Debian packages: %s\n' "${missing[*]}"
+	DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			"${missing[@]}" >/dev/null ||
+		{ echo "apt-get could not install ${missing[*]}" >&2; return 1; }
+}
