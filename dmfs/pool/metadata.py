@@ -159,6 +159,11 @@ class Metadata:
         # must not scan every snapshot per entry.
         self._children: dict[str | None, set[str]] = {}
         self._by_device: dict[int, str] = {}
+        #: every id below it is used by a device: allocation at 10,000 devices
+        #: need not test 10,000 ids
+        self._free_floor = 1
+        #: counts applied records, so readers can tell the state has not changed
+        self.version = 0
 
     # -- queries ---------------------------------------------------------------
     def children(self, key: str | None) -> list[Snapshot]:
@@ -209,8 +214,13 @@ class Metadata:
         """The ``count`` lowest ids :meth:`allocate_id` could give, in order
         (fewer when the id space runs out)."""
         free: list[int] = []
-        for candidate in range(1, MAX_DEVICE_ID + 1):
-            if candidate not in self.devices and candidate not in unavailable:
+        floor_found = False
+        for candidate in range(self._free_floor, MAX_DEVICE_ID + 1):
+            if candidate in self.devices:
+                continue
+            if not floor_found:
+                self._free_floor, floor_found = candidate, True
+            if candidate not in unavailable:
                 free.append(candidate)
                 if len(free) == count:
                     break
@@ -224,6 +234,7 @@ class Metadata:
         if handler is None:
             raise MetadataError(f"unknown record type {kind!r}")
         handler(record)
+        self.version += 1
 
     def _apply_header(self, record: dict[str, Any]) -> None:
         if record.get("format") != self.FORMAT:
@@ -239,6 +250,7 @@ class Metadata:
 
     def _apply_device_deleted(self, record: dict[str, Any]) -> None:
         self.devices.pop(record["id"], None)
+        self._free_floor = min(self._free_floor, record["id"])
         if self.base_id == record["id"]:
             self.base_id = None
 
