@@ -331,11 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmfs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The engine's commands import this module for its helpers: load them here.
+    from dmfs.cli_diff import add_diff_parser
     from dmfs.cli_engine import add_engine_parsers
     from dmfs.cli_mount import add_mount_parser
     from dmfs.demo import add_demo_parser
 
-    for add_parser in (add_mount_parser, add_engine_parsers, *COMMAND_PARSERS,
+    for add_parser in (add_mount_parser, add_engine_parsers, add_diff_parser, *COMMAND_PARSERS,
                        add_demo_parser):
         add_parser(commands)
     return parser

@@ -10,11 +10,13 @@ guest).  The drivers wait for udev themselves, so a device is ready when
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 #: EBUSY on remove is retried this many times, within this many seconds
 REMOVE_ATTEMPTS = 10
 REMOVE_DEADLINE = 5.0
+#: a pool holds one reserved metadata snapshot; another holder (the daemon's
+#: thin_ls takes ~100 ms in the test guest) is waited for this long
+RESERVE_DEADLINE = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class ThinUsage:
     exclusive: int
 
 
-def _device_node(devnum: str) -> str:
+def device_node(devnum: str) -> str:
     """/dev/<name> for a major:minor, from sysfs."""
     uevent = Path(f"/sys/dev/block/{devnum}/uevent")
     for line in uevent.read_text().splitlines():
@@ -153,15 +158,11 @@ class ThinPool:
         assert self.table is not None
         if shutil.which("thin_ls") is None:
             raise PoolError("thin_ls not found: install thin-provisioning-tools")
-        metadata_node = _device_node(self.table.metadata_dev)
-        self.message("reserve_metadata_snap")
-        try:
+        with self.metadata_snapshot() as metadata_node:
             result = subprocess.run(
                 ["thin_ls", "--metadata-snap", "--no-headers", "-o",
                  "DEV,MAPPED_BYTES,EXCLUSIVE_BYTES", metadata_node],
                 capture_output=True, text=True, check=False)
-        finally:
-            self.message("release_metadata_snap")
         if result.returncode != 0:
             raise PoolError(f"thin_ls failed: {result.stderr.strip()}")
         usage = {}
@@ -170,6 +171,39 @@ class ThinPool:
             if len(fields) == 3:
                 usage[int(fields[0])] = ThinUsage(int(fields[1]), int(fields[2]))
         return usage
+
+    @contextlib.contextmanager
+    def metadata_snapshot(self) -> Iterator[str]:
+        """Reserve the pool's metadata snapshot for the tools that read it
+        (``--metadata-snap``); yields the metadata device's node.
+
+        The pool has one: while someone else holds it, reserve answers EBUSY,
+        which is retried with a growing pause for RESERVE_DEADLINE seconds.
+        """
+        assert self.table is not None
+        metadata_node = device_node(self.table.metadata_dev)
+        deadline = time.monotonic() + RESERVE_DEADLINE
+        pause = 0.02
+        while True:
+            try:
+                self.message("reserve_metadata_snap")
+                break
+            except DmError as error:
+                left = deadline - time.monotonic()
+                if error.errno != errno.EBUSY:
+                    raise
+                if left <= 0:
+                    raise PoolError(
+                        f"the metadata snapshot of thin pool {self.name} stayed reserved for "
+                        f"{RESERVE_DEADLINE:.0f} s: another dmfs command is reading it, or a "
+                        f"process that died left it (with nothing else running, `dmsetup "
+                        f"message {self.name} 0 release_metadata_snap` frees it)") from None
+                time.sleep(min(left, pause))
+                pause *= 2
+        try:
+            yield metadata_node
+        finally:
+            self.message("release_metadata_snap")
 
     # -- thin devices -------------------------------------------------------------------
     def thin_table(self, device_id: int, size: int) -> list[Target]:
