@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmfs.cli import EXIT_OK, OperationFailed, UsageError, add_command, emit, json_option
+from dmfs.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    OperationFailed,
+    UsageError,
+    add_command,
+    emit,
+    json_option,
+)
 
 log = logging.getLogger("dmfs.cli")
 
@@ -41,7 +49,8 @@ and releases them afterwards.
 As root, the snapshots' ext4 inode tables are read from their devices and the
 pool's thin delta tells which blocks differ, so only what changed is read;
 without root, every file's metadata is read (lstat) and files whose metadata
-changed but not their size are read."""
+changed but not their size are read; what the user may not read (lost+found,
+at least) is left out, named in a warning, and the exit status is 1."""
 
 DIFF_NOTES = """\
 change types:
@@ -357,4 +366,4 @@ def _report(args: argparse.Namespace, old: Picked | None, new: Picked, result: A
     lines = [c.line(types=args.types) for c in changes]
     lines.append(f"{summary.line()}: {old_name} -> {new.key}")
     emit(args, data, lines)
-    return EXIT_OK
+    return EXIT_FAILED if result is not None and result.facts.get("not_compared") else EXIT_OK

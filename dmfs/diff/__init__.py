@@ -51,7 +51,7 @@ from pathlib import Path
 
 from dmfs.diff import ext4
 from dmfs.diff.changes import Change, Kind, Summary
-from dmfs.diff.compare import Evidence, Ext4Evidence, Result, StatEvidence, compare
+from dmfs.diff.compare import Evidence, Ext4Evidence, Result, StatEvidence, compare_sides
 from dmfs.diff.tree import DiffError, EmptySide, Side
 from dmfs.pool import fs
 from dmfs.pool.errors import PoolError
@@ -114,7 +114,7 @@ def compare_trees(old_root: Path | None, new_root: Path, *, racy_after_ns: int |
                     log.info("%s: comparing with lstat", reason)
             if not isinstance(evidence, Ext4Evidence):
                 evidence = StatEvidence(old, new, racy_after_ns)
-        result = compare(old, new, evidence)
+        result = compare_sides(old, new, evidence)
         if reason:
             result.facts["devices"] = reason
         return result

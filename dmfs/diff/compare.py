@@ -45,7 +45,7 @@ from typing import Any
 
 from dmfs.diff import ext4
 from dmfs.diff.changes import Change, Kind, ordered_attributes
-from dmfs.diff.tree import Entry, Side, Tree, same_bytes
+from dmfs.diff.tree import Entry, Side, Tree, Unreadable, same_bytes
 from dmfs.pool.thindelta import BlockDelta
 
 #: the cost model that decides whether a thin delta is worth reading, measured
@@ -121,11 +121,8 @@ class StatEvidence(Evidence):
             return False
         if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
             return False
-        generations = self.old.generation(old_rel), self.new.generation(new_rel)
-        if None not in generations:
-            return generations[0] == generations[1]
-        births = self.old.birth_time(old_rel), self.new.birth_time(new_rel)
-        return births[0] == births[1] if None not in births else True
+        identities = self.old.identity(old_rel), self.new.identity(new_rel)
+        return identities[0] == identities[1] if None not in identities else True
 
 
 class Ext4Evidence(Evidence):
@@ -235,7 +232,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def compare(old: Side, new: Side, evidence: Evidence) -> Result:
+def compare_sides(old: Side, new: Side, evidence: Evidence) -> Result:
     """Compare two sides (``old`` may be an :class:`~dmfs.diff.tree.EmptySide`)."""
     old_tree = old.scan()
 
@@ -260,6 +257,7 @@ class _Comparison:
         self.changes: list[Change] = []
         self.files_read = 0
         self.bytes_read = 0
+        self.not_compared: set[str] = set()
 
     # -- entries -------------------------------------------------------------------
     def _old_entries(self) -> dict[tuple[Any, ...], _Link]:
@@ -312,6 +310,13 @@ class _Comparison:
             for e in directory.entries:
                 key = (old_dir, e.name) if old_dir is not None else ("new", dir_ino, e.name)
                 new_entries[key] = _Link(directory.child_path(e.name), e.ino, e.file_type)
+        # A directory one side could not list is left out on both sides.
+        opaque = self.old.unreadable | self.new.unreadable
+        if opaque:
+            self.not_compared |= opaque
+            inside = tuple(f"{path.rstrip('/')}/" for path in opaque)
+            old_entries = {k: v for k, v in old_entries.items() if not v.rel.startswith(inside)}
+            new_entries = {k: v for k, v in new_entries.items() if not v.rel.startswith(inside)}
 
         if not self.old.empty:
             self._root()
@@ -353,6 +358,10 @@ class _Comparison:
         notes = [f"{self.new.absolute(p) if p in self.new_tree.skipped else p}: another "
                  "filesystem is mounted there; not compared"
                  for p in (*self.old_tree.skipped, *self.new_tree.skipped)]
+        if self.not_compared:
+            facts["not_compared"] = sorted(self.not_compared)
+            notes.append(f"not compared (permission denied; dmfs diff as root compares "
+                         f"everything): {', '.join(sorted(self.not_compared))}")
         return Result(self.changes, facts, notes)
 
     # -- rules 2 to 5 --------------------------------------------------------------------
@@ -443,9 +452,12 @@ class _Comparison:
                 changed.add("content")
             else:
                 item.size = a.st_size
-        if not self.evidence.xattrs_equal(old.ino, new.ino) and (
-                self.old.xattrs(old.rel) != self.new.xattrs(new.rel)):
-            changed.add("xattrs")
+        if not self.evidence.xattrs_equal(old.ino, new.ino):
+            try:
+                if self.old.xattrs(old.rel) != self.new.xattrs(new.rel):
+                    changed.add("xattrs")
+            except Unreadable as error:
+                self.not_compared.add(f"{error.rel} (xattrs)")
         self.pending.append(item)
 
     def _contents(self) -> None:
@@ -454,7 +466,11 @@ class _Comparison:
         for item in waiting:
             if item.size == 0 or self.evidence.data_equal(item.old.ino, item.new.ino):
                 continue
-            equal, read = same_bytes(self.old, item.old.rel, self.new, item.new.rel)
+            try:
+                equal, read = same_bytes(self.old, item.old.rel, self.new, item.new.rel)
+            except Unreadable as error:
+                self.not_compared.add(f"{error.rel} (content)")
+                continue
             self.files_read += 2
             self.bytes_read += read
             if not equal:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import os
 import stat
 import struct
@@ -21,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: FS_IOC_GETVERSION: the inode's generation number
-FS_IOC_GETVERSION = 0x80087601
+MAX_HANDLE_SIZE = 128
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BTIME = 0x800
@@ -34,6 +32,14 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 class DiffError(Exception):
     """The comparison cannot be made (a file cannot be read, ...); the message says why."""
+
+
+class Unreadable(DiffError):
+    """Permission denied on one path: the comparison goes on without it."""
+
+    def __init__(self, rel: str, message: str) -> None:
+        super().__init__(message)
+        self.rel = rel
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,19 @@ def _entry_type(entry: os.DirEntry[str]) -> int:
     return 0
 
 
+def _file_handle(path: str) -> bytes | None:
+    """The file handle of ``path`` itself (name_to_handle_at, not following a
+    symlink), None when the filesystem gives none."""
+    handle = ctypes.create_string_buffer(8 + MAX_HANDLE_SIZE)
+    struct.pack_into("<Ii", handle, 0, MAX_HANDLE_SIZE, 0)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), handle, ctypes.byref(mount_id),
+                               0) != 0:
+        return None
+    size, kind = struct.unpack_from("<Ii", handle, 0)
+    return struct.pack("<i", kind) + handle.raw[8:8 + size]
+
+
 def _statx_btime(path: str) -> int | None:
     """The inode's birth time in ns (statx), None when unknown."""
     buffer = ctypes.create_string_buffer(STATX_SIZE)
@@ -101,7 +120,8 @@ class Side:
         self.device = root_stat.st_dev
         self.root_ino = root_stat.st_ino
         self._stats: dict[str, os.stat_result | None] = {"/": root_stat}
-        self._identities: dict[str, int | None] = {}
+        self._identities: dict[str, bytes | None] = {}
+        self.unreadable: set[str] = set()  # directories that could not be listed
 
     def close(self) -> None:
         if self._root_fd >= 0:
@@ -139,6 +159,9 @@ class Side:
                          | os.O_CLOEXEC)
         except FileNotFoundError:
             return []  # removed while we looked (an active snapshot being written)
+        except PermissionError:
+            self.unreadable.add(path)
+            return []
         except OSError as error:
             raise self._unreadable(path, error) from None
         try:
@@ -153,8 +176,9 @@ class Side:
             os.close(fd)
 
     def _unreadable(self, path: str, error: OSError) -> DiffError:
-        hint = " (run dmfs diff as root)" if error.errno in (errno.EACCES, errno.EPERM) else ""
-        return DiffError(f"cannot read {self.absolute(path)}: {error.strerror}{hint}")
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return Unreadable(path, f"cannot read {self.absolute(path)}: {error.strerror}")
+        return DiffError(f"cannot read {self.absolute(path)}: {error.strerror}")
 
     # -- one file ------------------------------------------------------------------
     def lstat(self, rel: str) -> os.stat_result | None:
@@ -168,29 +192,17 @@ class Side:
                 raise self._unreadable(rel, error) from None
         return self._stats[rel]
 
-    def generation(self, rel: str) -> int | None:
-        """The inode's generation number (FS_IOC_GETVERSION), None when the file
-        cannot be opened for it (symlinks, devices, no permission)."""
+    def identity(self, rel: str) -> bytes | None:
+        """What tells this inode from another that got the same number after it
+        was freed: its file handle (for ext4, inode number and generation;
+        name_to_handle_at needs no privilege and works on every file type), else
+        its birth time; None when neither is known."""
         if rel not in self._identities:
-            self._identities[rel] = None
-            st = self.lstat(rel)
-            if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                try:
-                    fd = os.open(self.absolute(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                                 | os.O_NOCTTY | os.O_CLOEXEC)
-                except OSError:
-                    return None
-                try:
-                    answer = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
-                    self._identities[rel] = struct.unpack("<q", answer)[0]
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
+            self._identities[rel] = _file_handle(self.absolute(rel))
+            if self._identities[rel] is None:
+                birth = _statx_btime(self.absolute(rel))
+                self._identities[rel] = None if birth is None else b"btime:%d" % birth
         return self._identities[rel]
-
-    def birth_time(self, rel: str) -> int | None:
-        return _statx_btime(self.absolute(rel))
 
     def readlink(self, rel: str) -> str | None:
         try:
@@ -243,6 +255,7 @@ class EmptySide(Side):
         self.root_ino = 0
         self._stats = {}
         self._identities = {}
+        self.unreadable = set()
         self._root_fd = -1
 
     @property
