@@ -11,7 +11,7 @@ space, control characters and bytes that are not UTF-8 become ``\\ooo``
 
 from __future__ import annotations
 
-import os
+import re
 import stat
 from dataclasses import dataclass, field
 from enum import Enum
@@ -132,13 +132,13 @@ class Summary:
 
 
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("\\")}
+_PLAIN = re.compile(r"[!-\[\]-~]*")  # printable ASCII but space and backslash
 
 
 def escape(path: str) -> str:
     """``path`` with a backslash, white space, control characters and bytes
     that are not UTF-8 as ``\\ooo`` octal escapes (one per byte)."""
-    raw = os.fsencode(path)
-    if all(byte in _SAFE for byte in raw):
+    if _PLAIN.fullmatch(path):
         return path
     out = []
     for char in path:

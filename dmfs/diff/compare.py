@@ -84,6 +84,10 @@ class Evidence:
         """True when the extended attributes are known equal without reading them."""
         return False
 
+    def stats(self, old_ino: int, new_ino: int) -> tuple[Any, Any] | None:
+        """What lstat would say of the two inodes, when known without asking."""
+        return None
+
     def plan_data_proofs(self, files: int, total_bytes: int) -> None:
         """Called once before contents are compared: ``files`` pairs to compare
         holding ``total_bytes`` per side."""
@@ -162,6 +166,12 @@ class Ext4Evidence(Evidence):
         return (a is not None and b is not None and ext4.xattr_block(a) == 0
                 and ext4.xattr_block(b) == 0
                 and ext4.in_inode_xattrs(a) == ext4.in_inode_xattrs(b))
+
+    def stats(self, old_ino: int, new_ino: int) -> tuple[Any, Any] | None:
+        a, b = self.old.inode(old_ino), self.new.inode(new_ino)
+        if a is None or b is None:
+            return None
+        return ext4.stat_of(a), ext4.stat_of(b)
 
     def plan_data_proofs(self, files: int, total_bytes: int) -> None:
         if self._load_delta is None or self.delta is not None or not files:
@@ -379,7 +389,8 @@ class _Comparison:
             self._attributes(Kind.MODIFIED, old, new, replaced=False)
             return
         # Every inode field is equal: only data can differ.
-        st = self.old.lstat(old.rel)
+        known = self.evidence.stats(old.ino, new.ino)
+        st = known[0] if known is not None else self.old.lstat(old.rel)
         if st is None:
             return
         item = _Pending(Kind.MODIFIED, old, new, stat.S_IFMT(st.st_mode))
@@ -418,7 +429,8 @@ class _Comparison:
         self.changes.append(Change(kind, link.rel, file_type))
 
     def _attributes(self, kind: Kind, old: _Link, new: _Link, *, replaced: bool) -> None:
-        a, b = self.old.lstat(old.rel), self.new.lstat(new.rel)
+        known = self.evidence.stats(old.ino, new.ino)
+        a, b = known if known is not None else (self.old.lstat(old.rel), self.new.lstat(new.rel))
         if a is None or b is None:  # gone meanwhile (a snapshot being written)
             if a is not None:
                 self._one_sided(Kind.REMOVED, self.old, old)

@@ -26,8 +26,10 @@ last ``syncfs`` left it even before the journal is checkpointed.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SUPERBLOCK_OFFSET = 1024
 SUPERBLOCK_SIZE = 1024
@@ -82,12 +84,19 @@ class Geometry:
     unused_counts_valid: bool
 
 
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_EXTENT_HEADER = struct.Struct("<HHHH")  # magic, entries, max, depth
+_EXTENT = struct.Struct("<IHHI")  # ee_block, ee_len, ee_start_hi, ee_start_lo
+_INDEX = struct.Struct("<IIH")  # ei_block, ei_leaf_lo, ei_leaf_hi
+
+
 def _u16(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset:offset + 2], "little")
+    return _U16.unpack_from(data, offset)[0]
 
 
 def _u32(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset:offset + 4], "little")
+    return _U32.unpack_from(data, offset)[0]
 
 
 def parse_superblock(data: bytes) -> Geometry:
@@ -199,22 +208,21 @@ class Image:
         return found
 
     def _walk_extents(self, node: bytes, depth_left: int, found: list[Extent]) -> bool:
-        if len(node) < 12 or _u16(node, 0) != EXTENT_MAGIC:
+        if len(node) < 12:
             return False
-        entries, depth = _u16(node, 2), _u16(node, 6)
-        if 12 + 12 * entries > len(node) or depth > depth_left:
+        magic, entries, _, depth = _EXTENT_HEADER.unpack_from(node, 0)
+        if magic != EXTENT_MAGIC or 12 + 12 * entries > len(node) or depth > depth_left:
             return False
-        for number in range(entries):
-            offset = 12 + 12 * number
+        for offset in range(12, 12 + 12 * entries, 12):
             if depth == 0:
-                length = _u16(node, offset + 4)
+                logical, length, start_hi, start_lo = _EXTENT.unpack_from(node, offset)
                 unwritten = length > EXT_INIT_MAX_LEN
-                physical = _u32(node, offset + 8) | (_u16(node, offset + 6) << 32)
-                found.append(Extent(_u32(node, offset), length - EXT_INIT_MAX_LEN
-                                    if unwritten else length, physical, unwritten))
+                found.append(Extent(logical, length - EXT_INIT_MAX_LEN if unwritten else length,
+                                    start_lo | (start_hi << 32), unwritten))
             else:
-                child = _u32(node, offset + 4) | (_u16(node, offset + 8) << 32)
-                block = self.read(child * self.geometry.block_size, self.geometry.block_size)
+                _, leaf_lo, leaf_hi = _INDEX.unpack_from(node, offset)
+                block = self.read((leaf_lo | (leaf_hi << 32)) * self.geometry.block_size,
+                                  self.geometry.block_size)
                 if not self._walk_extents(block, depth - 1, found):
                     return False
         return True
@@ -269,15 +277,51 @@ def changed_inodes(old: Image, new: Image) -> set[int]:
     return changed
 
 
-def ctime_ns(record: bytes) -> int:
-    """The inode change time in nanoseconds since the epoch, as stat reports it."""
-    seconds = struct.unpack_from("<i", record, 0x0C)[0]
+_S32 = struct.Struct("<i")
+
+
+def _time_ns(record: bytes, seconds_at: int, extra_at: int) -> int:
+    seconds = _S32.unpack_from(record, seconds_at)[0]
     nanoseconds = 0
-    if len(record) > 128 and 0x80 + _u16(record, 0x80) >= 0x88:
-        extra = _u32(record, 0x84)
+    if len(record) > 128 and 0x80 + _u16(record, 0x80) >= extra_at + 4:
+        extra = _u32(record, extra_at)
         seconds += (extra & 3) << 32
         nanoseconds = extra >> 2
     return seconds * 1_000_000_000 + nanoseconds
+
+
+def ctime_ns(record: bytes) -> int:
+    """The inode change time in nanoseconds since the epoch, as stat reports it."""
+    return _time_ns(record, 0x0C, 0x84)
+
+
+class RecordStat(NamedTuple):
+    """The fields of ``os.stat_result`` that an inode record holds."""
+
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_mtime_ns: int
+    st_nlink: int
+    st_rdev: int
+
+
+def stat_of(record: bytes) -> RecordStat:
+    """What lstat would report for this inode (the fields dmfs diff compares)."""
+    file_mode = _u16(record, 0x00)
+    rdev = 0
+    if stat.S_ISCHR(file_mode) or stat.S_ISBLK(file_mode):
+        old, new = _u32(record, 0x28), _u32(record, 0x2C)
+        if old:  # the old 8:8 encoding
+            rdev = os.makedev((old >> 8) & 0xFF, old & 0xFF)
+        else:
+            rdev = os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+    return RecordStat(
+        st_mode=file_mode, st_uid=_u16(record, 0x02) | (_u16(record, 0x78) << 16),
+        st_gid=_u16(record, 0x18) | (_u16(record, 0x7A) << 16),
+        st_size=_u32(record, 0x04) | (_u32(record, 0x6C) << 32),
+        st_mtime_ns=_time_ns(record, 0x10, 0x88), st_nlink=_u16(record, 0x1A), st_rdev=rdev)
 
 
 def generation(record: bytes) -> int:

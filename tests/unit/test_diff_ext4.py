@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -144,3 +145,22 @@ def test_a_delta_is_read_only_when_cheaper_than_reading(base: Path) -> None:
         assert not calls and evidence.delta is None
         evidence.plan_data_proofs(50, 500 * 2**20)
         assert calls == [1] and evidence.delta is not None
+
+
+def test_a_record_gives_what_lstat_would(base: Path) -> None:
+    numbers = inode_numbers(base)
+    debugfs(base, "sif /f1 uid 70000", "sif /f1 gid 567",
+            "sif /f1 mtime 20230405060708", "sif /f1 mtime_extra 0x10",
+            "sif /f1 links_count 3", "mknod tty c 4 200", "mknod disk b 259 300")
+    numbers = inode_numbers(base) | numbers
+    with ext4.Image(str(base)) as image:
+        image.load_tables([group.used for group in image.groups])
+        f1 = ext4.stat_of(image.inode(numbers["f1"]) or b"")
+        assert (f1.st_uid, f1.st_gid) == (70000, 567)  # uid: 16 bits and 16 more
+        assert f1.st_size == 20000 and f1.st_nlink == 3
+        assert f1.st_mtime_ns == 1680674828 * 10**9 + 4  # extra 0x10: 4 ns
+        assert f1.st_mode == 0o100644
+        tty = ext4.stat_of(image.inode(numbers["tty"]) or b"")
+        disk = ext4.stat_of(image.inode(numbers["disk"]) or b"")
+        assert tty.st_rdev == os.makedev(4, 200)
+        assert disk.st_rdev == os.makedev(259, 300)  # the new encoding
