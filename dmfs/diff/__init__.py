@@ -48,15 +48,17 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.diff import ext4
 from dmfs.diff.changes import Change, Kind, Summary
 from dmfs.diff.compare import Evidence, Ext4Evidence, Result, StatEvidence, compare_sides
 from dmfs.diff.tree import DiffError, EmptySide, Side
-from dmfs.pool import fs
 from dmfs.pool.errors import PoolError
-from dmfs.pool.thindelta import BlockDelta
 from dmfs.pool.thinpool import device_node
+
+if TYPE_CHECKING:
+    from dmfs.pool.thindelta import BlockDelta
 
 __all__ = ["Change", "DiffError", "Kind", "Result", "Summary", "compare_trees"]
 
@@ -98,6 +100,8 @@ def compare_trees(old_root: Path | None, new_root: Path, *, racy_after_ns: int |
             related = False
         for side in (old, new):
             if not side.empty and _read_write(side.root):
+                from dmfs.pool import fs  # (imports trio: only for an active snapshot)
+
                 fs.syncfs(side.root)  # what the devices and the pool hold, from now on
         evidence: Evidence = Evidence()
         reason = ""

@@ -41,12 +41,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmfs.diff import ext4
 from dmfs.diff.changes import Change, Kind, ordered_attributes
 from dmfs.diff.tree import Entry, Side, Tree, Unreadable, same_bytes
-from dmfs.pool.thindelta import BlockDelta
+
+if TYPE_CHECKING:
+    from dmfs.pool.thindelta import BlockDelta
 
 #: the cost model that decides whether a thin delta is worth reading, measured
 #: in the test guest: reserve + thin_delta + release ~100 ms; cold reads of

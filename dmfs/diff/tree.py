@@ -11,7 +11,6 @@ stays open for the whole comparison, which keeps the filesystem mounted
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -27,7 +26,8 @@ STATX_BTIME = 0x800
 STATX_SIZE = 256
 READ_CHUNK = 1 << 20
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library is already loaded: no find_library (it runs ldconfig, a process).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DiffError(Exception):

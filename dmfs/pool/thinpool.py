@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.pool.dm import (
     SECTOR_SIZE,
@@ -31,7 +32,9 @@ from dmfs.pool.dm import (
 )
 from dmfs.pool.errors import PoolError
 from dmfs.pool.status import PoolStatus, parse_pool_status, parse_thin_status
-from dmfs.pool.udev import DmWatcher
+
+if TYPE_CHECKING:  # (pyudev and trio: not needed to read the pool, e.g. by dmfs diff)
+    from dmfs.pool.udev import DmWatcher
 
 log = logging.getLogger(__name__)
 
