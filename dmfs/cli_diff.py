@@ -280,7 +280,13 @@ def _diff_with_engine(args: argparse.Namespace, config: Any) -> int:
             return old, new, result
 
     try:
-        old, new, result = trio.run(session)
+        try:
+            old, new, result = trio.run(session)
+        except BaseExceptionGroup as group:  # the engine's nursery wraps what the body raised
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
     except NotFound as error:
         raise UsageError(str(error)) from None
     except PoolError as error:
@@ -288,6 +294,13 @@ def _diff_with_engine(args: argparse.Namespace, config: Any) -> int:
     except SnapshotError as error:
         raise OperationFailed(str(error)) from None
     return _report(args, old, new, result)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
 
 
 def _warn_active(old: Picked | None, new: Picked) -> None:

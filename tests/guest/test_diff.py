@@ -173,6 +173,8 @@ def test_diff_equals_the_model_across_three_layers(tree: MountedTree, diff: Diff
     assert diff.lines("--config", config, "L1", "L3") == expected_changes(
         models["L1"], models["L3"])
     assert diff.lines("--config", config, "L2") == expected_changes(models["L1"], models["L2"])
+    _, err = diff("--config", config, "L1", "nosuch", code=2)
+    assert "no snapshot 'nosuch'" in err
     assert not fs.mounts_under(tree.runtime_dir / "snapshots")
     live = run("dmsetup", "ls").stdout
     assert "-snap-" not in live, live
@@ -240,7 +242,7 @@ def small_build(shared: tuple[LoopPool, MountedTree]) -> dict[str, Path]:
     os.utime(root / "changed", ns=(st.st_atime_ns, st.st_mtime_ns))
     (root / "added").write_text("new\n")
     (m / name / temporary).rename(m / name / child)
-    return {"base": m / name, "app": m / name / child, "tree": m}
+    return {"base": m / name, "app": m / name / child, "tree": m, "config": shared[1].config}
 
 
 APP_CHANGES = ["M\tF\t/changed\t(content)", "+\tF\t/added"]
@@ -282,6 +284,11 @@ def test_defined_results(small_build: dict[str, Path], diff: Diff) -> None:
     assert "live is active" in err
     settled = [line for line in out[:-1] if "/busy" not in line]
     assert settled == ["+\tF\t/before"]
+    # Names instead of nodes: found through the tree that serves the pool.
+    config = small_build["config"]
+    assert diff.lines("--config", config, base.name, app.name) == diff.lines(base, app)
+    _, err = diff("--config", config, "nosuch", code=2)
+    assert "no snapshot 'nosuch'" in err
     # Bad arguments: usage errors, nothing touched.
     for arguments in ((base, app, app), (m / ".dmfs",), (m.parent,)):
         _, err = diff(*arguments, code=2)
