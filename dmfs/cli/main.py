@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dmfs.cli import config, demo, inspect, mount, mount_helper, pool
+from dmfs.cli import config, demo, diff, inspect, mount, mount_helper, pool
 from dmfs.cli.common import (
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
@@ -27,7 +27,7 @@ from dmfs.config import ConfigError
 from dmfs.pool import DmError, PoolAdminError
 
 #: Every command family, in the order ``dmfs --help`` lists their commands.
-COMMANDS = (mount, inspect, pool, config, demo)
+COMMANDS = (mount, inspect, diff, pool, config, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ engine import each other directly.  ``contrib/check-imports`` (the lint tier)
 holds everyone to that, and the engine to importing no front end.
 """
 
+from dmfs.pool.blockdev import device_node
 from dmfs.pool.dm import DeviceMapper, DmError, NoSuchDevice, Target
 from dmfs.pool.drivers import open_driver
 from dmfs.pool.errors import (
@@ -24,7 +25,7 @@ from dmfs.pool.errors import (
     PoolSpecError,
     SnapshotError,
 )
-from dmfs.pool.fs import MountEntry, mountinfo, umount
+from dmfs.pool.fs import MountEntry, mountinfo, syncfs, umount
 from dmfs.pool.geometry import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LOW_WATER,
@@ -33,11 +34,12 @@ from dmfs.pool.geometry import (
     plan_loop_pool,
 )
 from dmfs.pool.info import Info, Usage
-from dmfs.pool.inspect import Finding, Inspection, inspect_pool, tree_of
+from dmfs.pool.inspect import Finding, Inspection, inspect_pool, journal_in_use, tree_of
 from dmfs.pool.loopback import DestroyReport, PoolReport, create_loop_pool, destroy_pool
 from dmfs.pool.metadata import DeviceState, Kind
 from dmfs.pool.snapshotter import Snapshotter
-from dmfs.pool.thinpool import PoolTable, find_thin_pool
+from dmfs.pool.thindelta import BlockDelta, read_delta, thin_device_of
+from dmfs.pool.thinpool import PoolTable, ThinPool, find_thin_pool
 
 __all__ = [  # noqa: RUF022 (grouped by what the names are for, not sorted)
     # the engine: containerd's snapshotter operations, and what they return
@@ -46,7 +48,9 @@ __all__ = [  # noqa: RUF022 (grouped by what the names are for, not sorted)
     "SnapshotError", "AlreadyExists", "NotFound", "InvalidArgument", "FailedPrecondition",
     "HasChildren", "InUse", "NoSpace", "PoolError", "JournalCorrupt", "LabelTooLarge",
     # reading a pool and its journal without serving it (dmfs status/tree/check)
-    "Inspection", "Finding", "inspect_pool", "tree_of",
+    "Inspection", "Finding", "inspect_pool", "tree_of", "journal_in_use",
+    # what differs between two thin devices (dmfs diff)
+    "BlockDelta", "read_delta", "thin_device_of", "ThinPool", "device_node",
     # device-mapper drivers
     "DeviceMapper", "DmError", "NoSuchDevice", "Target", "open_driver",
     "PoolTable", "find_thin_pool",
@@ -55,5 +59,5 @@ __all__ = [  # noqa: RUF022 (grouped by what the names are for, not sorted)
     "PoolReport", "DestroyReport", "create_loop_pool", "destroy_pool",
     "PoolSpecError", "PoolAdminError",
     # mounts
-    "MountEntry", "mountinfo", "umount",
+    "MountEntry", "mountinfo", "umount", "syncfs",
 ]
