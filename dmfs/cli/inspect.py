@@ -13,8 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from dmfs.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -35,7 +33,6 @@ from dmfs.pool import (
     Inspection,
     JournalCorrupt,
     PoolError,
-    Snapshotter,
     inspect_pool,
     tree_of,
 )
@@ -195,6 +192,8 @@ def run_tree(args: argparse.Namespace) -> int:
 
 
 async def _repair(config: Config, dm: DeviceMapper) -> None:
+    from dmfs.pool import Snapshotter  # (the whole engine: only --repair needs it)
+
     async with Snapshotter.open(config, dm):
         pass  # opening reconciles; closing unmounts and deactivates again
 
@@ -209,6 +208,8 @@ def run_check(args: argparse.Namespace) -> int:
                 raise OperationFailed("a dmfs daemon serves this pool: unmount it first, its "
                                       "next start repairs the same way")
             try:
+                import trio  # (only --repair needs it: see _serve in dmfs.cli.mount)
+
                 trio.run(_repair, config, dm)
             except PoolError as error:
                 raise EnvironmentProblem(str(error)) from None

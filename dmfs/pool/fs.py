@@ -2,7 +2,7 @@
 
 Mounting through the system calls instead of mount(8) saves a process per
 mount (≈9 ms in the test guest).  mkfs stays a process: it runs once, for the
-base device.
+base device (:func:`dmfs.pool.housekeeping.mkfs`).
 
 What differs between the filesystem types dmfs makes (``fs_type``: ext4 or
 xfs) is in :mod:`dmfs.filesystems`: the mkfs command line and the options of
@@ -19,9 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
-from dmfs.filesystems import FILESYSTEMS, mkfs_argv, mount_options
+from dmfs.filesystems import mount_options
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -112,21 +110,6 @@ def mounts_under(directory: Path) -> dict[Path, MountEntry]:
 
 def is_busy(error: OSError) -> bool:
     return error.errno == errno.EBUSY
-
-
-async def mkfs(device: str, fs_type: str, extra_options: str = "", *,
-               lazy_init: bool = False) -> None:
-    """Make a filesystem on ``device``; OSError says why mkfs failed."""
-    argv = mkfs_argv(fs_type, device, extra_options, lazy_init=lazy_init)
-    try:
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                        check=False)
-    except FileNotFoundError:
-        raise OSError(errno.ENOENT, f"{argv[0]} not found on PATH: install the "
-                      f"{FILESYSTEMS[fs_type].package} package") from None
-    if result.returncode != 0:
-        raise OSError(errno.EIO, f"{' '.join(argv)} failed: "
-                      f"{result.stderr.decode(errors='replace').strip()}")
 
 
 def discard(device: str) -> None:

@@ -4,12 +4,13 @@ removed behind its back.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import trio
 
 from dmfs.config import Config
-from dmfs.pool import fs
+from dmfs.filesystems import FILESYSTEMS, mkfs_argv
 from dmfs.pool.devices import DeviceTable
 from dmfs.pool.dm import DmError
 from dmfs.pool.errors import NoSpace, SnapshotError
@@ -43,7 +44,7 @@ async def ensure_base(store: Store, devices: DeviceTable, steps: Steps, config: 
     device = await store.run(steps.create_base, candidates, base_size)
     async with devices.lock(device.id):
         try:
-            await fs.mkfs(devices.pool.dm.device_path(device.name), config.fs_type,
+            await mkfs(devices.pool.dm.device_path(device.name), config.fs_type,
                           config.fs_options, lazy_init=config.mkfs_lazy_init)
             failpoint("base:after-mkfs")
             await store.run(steps.finish_base, device)
@@ -52,6 +53,21 @@ async def ensure_base(store: Store, devices: DeviceTable, steps: Steps, config: 
                 await store.run(steps.discard, devices.get(device.id) or device, None)
             raise
     log.info("made base device %d (%d bytes, %s)", device.id, base_size, config.fs_type)
+
+
+async def mkfs(device: str, fs_type: str, extra_options: str = "", *,
+               lazy_init: bool = False) -> None:
+    """Make a filesystem on ``device``; OSError says why mkfs failed."""
+    argv = mkfs_argv(fs_type, device, extra_options, lazy_init=lazy_init)
+    try:
+        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                        check=False)
+    except FileNotFoundError:
+        raise OSError(errno.ENOENT, f"{argv[0]} not found on PATH: install the "
+                      f"{FILESYSTEMS[fs_type].package} package") from None
+    if result.returncode != 0:
+        raise OSError(errno.EIO, f"{' '.join(argv)} failed: "
+                      f"{result.stderr.decode(errors='replace').strip()}")
 
 
 async def check_removal(store: Store, devices: DeviceTable, steps: Steps, name: str) -> None:

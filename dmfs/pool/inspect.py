@@ -21,8 +21,7 @@ from dmfs.config import Config
 from dmfs.pool.dm import DeviceMapper
 from dmfs.pool.journal import LOCK_NAME, Journal
 from dmfs.pool.metadata import DeviceState, Kind, Metadata, read_metadata
-from dmfs.pool.plan import Plan, Step, owner_of, plan
-from dmfs.pool.reconcile import observe
+from dmfs.pool.plan import Plan, Step, observe, owner_of, plan
 from dmfs.pool.status import PoolStatus
 from dmfs.pool.summary import PoolSummary
 from dmfs.pool.thinpool import ThinPool, ThinUsage

@@ -2,7 +2,8 @@
 
 After a crash the journal says what dmfs meant to do; the pool (its thin ids),
 the live dm devices and the mounts under the runtime directory say what
-happened.  :func:`plan` compares the two and lists the :class:`Action` s that
+happened (:func:`observe`, the one function here that touches the kernel).
+:func:`plan` compares the two and lists the :class:`Action` s that
 bring them together; start-up reconciliation (:mod:`dmfs.pool.reconcile`) runs
 them, and ``dmfs check`` prints them, so that what check says is exactly what
 the next start does.  It is a pure function of its inputs (unit-tested on the
@@ -35,9 +36,11 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+from dmfs.config import Config
+from dmfs.pool import fs
 from dmfs.pool.fs import MountEntry
 from dmfs.pool.metadata import Device, DeviceRole, DeviceState, Kind, Metadata, Snapshot
-from dmfs.pool.thinpool import ThinUsage
+from dmfs.pool.thinpool import ThinPool, ThinUsage
 
 
 @dataclass(frozen=True)
@@ -253,3 +256,22 @@ def _settle(device: Device, snapshot: Snapshot, world: World,
     elif device.state is not DeviceState.DEACTIVATED and device.may_be_live:
         actions.append(_set_state(device, DeviceState.DEACTIVATED))
     return actions
+
+
+def observe(pool: ThinPool, config: Config) -> World:
+    """What the kernel says about the pool's devices and mounts (blocking)."""
+    usage = pool.thin_usage()
+    live = {}
+    for name in pool.live_devices():
+        if config.names_a_dmfs_device(name):
+            info = pool.info(name)
+            if info is not None:
+                live[name] = LiveDevice(info.devnum, info.suspended, info.read_only)
+    mounts: dict[int, fs.MountEntry] = {}
+    stray: list[fs.MountEntry] = []
+    for path, entry in fs.mounts_under(config.mount_dir).items():
+        if path.name.isdigit():
+            mounts[int(path.name)] = entry
+        else:
+            stray.append(entry)
+    return World(usage, live, mounts, stray)

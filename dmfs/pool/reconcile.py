@@ -1,8 +1,9 @@
 """Start-up reconciliation: observe the pool, make the plan, carry it out.
 
-:func:`observe` reads what the kernel says (thin ids through a metadata
-snapshot, live dm devices, mounts under the runtime directory); the rules of
-what to do live in :mod:`dmfs.pool.plan`, which ``dmfs check`` prints too.
+:func:`dmfs.pool.plan.observe` reads what the kernel says (thin ids through a
+metadata snapshot, live dm devices, mounts under the runtime directory); the
+rules of what to do live in :mod:`dmfs.pool.plan`, which ``dmfs check`` prints
+too.
 :func:`reconcile` runs the plan one device at a time, each device's actions in
 one worker-thread sequence under its lock; a device whose actions fail is
 logged and left for the next start, the others go on.
@@ -26,7 +27,7 @@ from dmfs.pool.errors import InUse, SnapshotError, as_snapshot_error
 from dmfs.pool.failpoints import failpoint
 from dmfs.pool.metadata import Device, DeviceState, Snapshot
 from dmfs.pool.mounts import MountTable
-from dmfs.pool.plan import Action, LiveDevice, Plan, Step, World, plan
+from dmfs.pool.plan import Action, Plan, Step, observe, plan
 from dmfs.pool.store import Effects, Store
 from dmfs.pool.thinpool import ThinPool
 
@@ -39,25 +40,6 @@ _CRASH_POINTS = {Step.DELETE: "reconcile:after-delete",
                  Step.RESUME: "reconcile:after-resume",
                  Step.ACTIVATE: "reconcile:after-activate",
                  Step.MOUNT: "reconcile:after-mount"}
-
-
-def observe(pool: ThinPool, config: Config) -> World:
-    """What the kernel says about the pool's devices and mounts (blocking)."""
-    usage = pool.thin_usage()
-    live = {}
-    for name in pool.live_devices():
-        if config.names_a_dmfs_device(name):
-            info = pool.info(name)
-            if info is not None:
-                live[name] = LiveDevice(info.devnum, info.suspended, info.read_only)
-    mounts: dict[int, fs.MountEntry] = {}
-    stray: list[fs.MountEntry] = []
-    for path, entry in fs.mounts_under(config.mount_dir).items():
-        if path.name.isdigit():
-            mounts[int(path.name)] = entry
-        else:
-            stray.append(entry)
-    return World(usage, live, mounts, stray)
 
 
 async def reconcile(store: Store, devices: DeviceTable, mounts: MountTable, pool: ThinPool,
