@@ -18,6 +18,8 @@ from pathlib import Path
 
 import trio
 
+from dmfs.pool.failpoints import failpoint
+
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -41,6 +43,7 @@ def mount(source: str, target: Path, fs_type: str, *, read_only: bool = False,
           options: str = "") -> None:
     """mount(2) a block device; raises OSError with the errno."""
     flags = MS_NODEV | (MS_RDONLY if read_only else 0)
+    failpoint("fs:mount")
     _check(_libc.mount(source.encode(), os.fsencode(target), fs_type.encode(), flags,
                        options.encode() or None), f"mount {source} on", target)
 
@@ -48,6 +51,7 @@ def mount(source: str, target: Path, fs_type: str, *, read_only: bool = False,
 def umount(target: Path, *, lazy: bool = False) -> None:
     """umount2(2); EBUSY (files in use) reaches the caller as OSError."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    failpoint("fs:umount")
     _check(_libc.umount2(os.fsencode(target), flags), "umount", target)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dmfs.pool.errors import JournalCorrupt, PoolError
+from dmfs.pool.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class Journal:
 
     def _sync(self) -> None:
         if self._fd is not None and self._dirty:
+            failpoint("journal:fsync")
             os.fsync(self._fd)
             self._dirty = False
 

@@ -26,8 +26,10 @@ from dmfs.pool.dm import (
     DmError,
     NoSuchDevice,
     Target,
+    dm_error,
 )
 from dmfs.pool.errors import PoolError
+from dmfs.pool.failpoints import failpoint
 from dmfs.pool.status import PoolStatus, parse_pool_status, parse_thin_status
 from dmfs.pool.udev import DmWatcher
 
@@ -128,7 +130,7 @@ class ThinPool:
         if active_origin is None:
             self.message(f"create_snap {device_id} {origin_id}")
             return
-        self.dm.suspend(active_origin)
+        self.suspend(active_origin)
         try:
             self.message(f"create_snap {device_id} {origin_id}")
         finally:
@@ -210,6 +212,8 @@ class ThinPool:
             return None
 
     def suspend(self, name: str) -> None:
+        # An injected fault is what the driver would raise: a DmError.
+        failpoint("dm:suspend", lambda code, text: dm_error(code, "suspend", name, text))
         self.dm.suspend(name)
 
     def resume(self, name: str) -> None:
