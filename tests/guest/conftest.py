@@ -13,6 +13,7 @@ import pytest
 from dmfs.config import Config
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.torture import SEED_VARIABLE, choose_seed
 from tests.support.tree import MountedTree, write_config
 
 #: device-mapper drivers the engine suite runs on
@@ -80,6 +81,27 @@ def tree(unmounted_tree: MountedTree) -> MountedTree:
     """dmfs mounted on the test pool with `dmfs mount`, as root."""
     unmounted_tree.mount()
     return unmounted_tree
+
+
+#: the seeds randomized tests used in this session, shown at the end of the run
+_SEEDS: list[str] = []
+
+
+@pytest.fixture
+def torture_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a randomized test: DMFS_TORTURE_SEED, or a fresh one.  It is
+    printed with the test's output and in the session's closing summary."""
+    seed = choose_seed()
+    _SEEDS.append(f"{request.node.nodeid}: {SEED_VARIABLE}={seed}")
+    print(f"seed {seed} (replay with {SEED_VARIABLE}={seed})")
+    return seed
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SEEDS:
+        terminalreporter.section("seeds of randomized tests")
+        for line in _SEEDS:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
