@@ -109,16 +109,17 @@ def daemon_problems(tree: MountedTree, since: int = 0) -> list[str]:
 
 def traceback_excerpt(log: str, keep: int = 30) -> str:
     """The log line before the first traceback and the traceback's last lines
-    (where the exception is named)."""
+    (where the exception is named), without exception groups' box drawing."""
     start = log.find(TRACEBACK)
     before = log[:start].splitlines()[-1:]
     block = []
     for line in log[start:].splitlines():
         if block and re.match(r"\d{4}-\d\d-\d\d ", line):
             break  # the next log record
-        block.append(line)
+        if not re.fullmatch(r"[\s|+-]*", line):
+            block.append(line)
     if len(block) > keep:
-        block = [*block[:2], f"  ... {len(block) - keep} lines ...", *block[-keep:]]
+        block = [block[0], f"  ... {len(block) - keep} lines ...", *block[-keep:]]
     return "\n".join(before + block)
 
 
