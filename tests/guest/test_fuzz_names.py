@@ -24,6 +24,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import pytest
+
 from tests.support.torture import (
     check,
     daemon_problems,
@@ -503,6 +505,7 @@ def fixed_cases() -> list[Case]:
     ]
 
 
+@pytest.mark.no_udev_only  # names and xattrs: the namespace, not the devices
 def test_names_and_xattrs_answer_documented_errnos(tree: MountedTree, torture_seed: int
                                                    ) -> None:
     fuzzer = Fuzzer(tree, torture_seed)

@@ -31,6 +31,7 @@ from tests.support.torture import (
     node_path,
     pool_held_metadata_root,
     read_snapshots,
+    scaled,
     start,
     tree_matches_snapshots,
 )
@@ -136,6 +137,7 @@ def test_row1_reading_snapshots_json_while_another_shell_commits(tree: MountedTr
     assert not tree_matches_snapshots(tree)
 
 
+@pytest.mark.no_udev_only  # names and labels: nothing here waits for a device
 def test_row2_names_and_labels_that_are_not_utf8(tree: MountedTree) -> None:
     """EINVAL (or, if the view percent-encodes them, success that shows
     consistently), never a crash."""
@@ -166,7 +168,7 @@ def test_row3_eight_processes_mkdir_rmdir_shared_names_and_commit_their_own(
         tree: MountedTree, torture_seed: int) -> None:
     make_parents(tree)
     results = in_processes(8, lambda index: churn(
-        tree, torture_seed + index, 15, commits_in=tree.path(PARENTS[index])))
+        tree, torture_seed + index, scaled(15), commits_in=tree.path(PARENTS[index])))
     assert_daemon_healthy(tree, what="after 8 processes churned")
     for index, answers in enumerate(results):
         assert not unexpected(answers, CHURN_ANSWERS), f"process {index}: {answers}"
@@ -188,7 +190,7 @@ def test_row4_dmfs_own_removals_are_not_behind_its_back(tree: MountedTree,
     """No device dmfs itself removes, deactivates or re-creates under the same
     device number may be taken for one removed behind its back."""
     make_parents(tree)
-    results = in_processes(8, lambda index: churn(tree, torture_seed + index, 20))
+    results = in_processes(8, lambda index: churn(tree, torture_seed + index, scaled(20)))
     assert_daemon_healthy(tree, what="after mkdir/rmdir churn")  # a Faulty line fails it
     for answers in results:
         assert not unexpected(answers, CHURN_ANSWERS), answers
@@ -201,6 +203,7 @@ NO_RESERVED_POINT = pytest.mark.skipif(
     "(it comes with the fix of issue 10's row 5)")
 
 
+@pytest.mark.no_udev_only  # the pool's metadata snapshot: no device node involved
 @pytest.mark.parametrize("how", ["dmsetup-message",
                                  pytest.param("mount-killed", marks=NO_RESERVED_POINT),
                                  pytest.param("check-killed", marks=NO_RESERVED_POINT)])
@@ -249,7 +252,7 @@ def test_row6_snapshots_json_never_enoent_during_mkdir_rmdir_churn(
         if index == 0:
             return read_json_errors(tree, stop)
         try:
-            return churn(tree, torture_seed + index, 15)
+            return churn(tree, torture_seed + index, scaled(15))
         finally:
             if index == 1:
                 stop.touch()
