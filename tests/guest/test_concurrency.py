@@ -53,6 +53,11 @@ ALLOWED = {
     "snapshots": {0},
 }
 
+#: how often each operation comes: creations, removals and snapshots.json renders
+#: most, since they are what races
+WEIGHTS = {"mkdir": 3, "view": 1, "rmdir": 3, "mv": 2, "label": 1, "unlabel": 1, "usage": 1,
+           "list": 1, "pool": 1, "snapshots": 3}
+
 
 def read_control(tree: MountedTree, name: str) -> None:
     text = tree.path(".dmfs", name).read_text()
@@ -92,7 +97,7 @@ def worker(tree: MountedTree, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     answers: dict[str, int] = {}
     for _ in range(STEPS):
-        operation = rng.choice(list(ALLOWED))
+        operation = rng.choices(list(WEIGHTS), list(WEIGHTS.values()))[0]
         code = errno_of(lambda operation=operation: operate(tree, operation, rng, f"w{seed}"))
         key = f"{operation} {errno_name(code)}"
         answers[key] = answers.get(key, 0) + 1

@@ -185,10 +185,17 @@ def test_row3_eight_processes_mkdir_rmdir_shared_names_and_commit_their_own(
     assert result.clean, result.describe()
 
 
+@pytest.mark.no_udev_only  # see the docstring
 def test_row4_dmfs_own_removals_are_not_behind_its_back(tree: MountedTree,
                                                        torture_seed: int) -> None:
     """No device dmfs itself removes, deactivates or re-creates under the same
-    device number may be taken for one removed behind its back."""
+    device number may be taken for one removed behind its back.
+
+    Reproduced (about half the runs) only without udevd: the kernel's remove
+    event carries no name, and one read from sysfs when the event is handled
+    names whatever device took the number since.  Under udevd the name comes
+    from udev's database; rows 3 and 6 and the concurrency test look for
+    Faulty devices in that tier too."""
     make_parents(tree)
     results = in_processes(8, lambda index: churn(tree, torture_seed + index, scaled(20)))
     assert_daemon_healthy(tree, what="after mkdir/rmdir churn")  # a Faulty line fails it

@@ -61,10 +61,10 @@ def choose_seed() -> int:
 
 def scaled(steps: int) -> int:
     """Fewer steps of a churn under systemd-udevd: every device-mapper operation
-    waits for udev there, and the same work takes about six times as long."""
+    waits for udev there, and the same work takes five to six times as long."""
     from dmfs.pool.udev import udevd_running
 
-    return max(1, steps // 2) if udevd_running() else steps
+    return max(1, steps // 3) if udevd_running() else steps
 
 
 # ---- the daemon --------------------------------------------------------------------
