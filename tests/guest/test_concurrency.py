@@ -21,6 +21,7 @@ import random
 
 from tests.support.loop_pool import LoopPool
 from tests.support.torture import (
+    DOCUMENTED_ERRNOS,
     assert_daemon_healthy,
     check,
     errno_name,
@@ -52,6 +53,7 @@ ALLOWED = {
     "pool": {0},
     "snapshots": {0},
 }
+assert all(codes <= DOCUMENTED_ERRNOS | {0} for codes in ALLOWED.values())
 
 #: how often each operation comes: creations, removals and snapshots.json renders
 #: most, since they are what races

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.torture import (
+    DOCUMENTED_ERRNOS,
     check,
     daemon_problems,
     errno_name,
@@ -112,6 +113,7 @@ class Outcome:
     may_succeed: bool
 
     def allows(self, code: int) -> bool:
+        assert self.errnos <= DOCUMENTED_ERRNOS, f"the model allows {self.errnos}"
         return (code == 0 and self.may_succeed) or code in self.errnos
 
 
