@@ -1,15 +1,42 @@
-"""Crash points for tests: ``DMFS_FAILPOINT=<name>`` kills the process there.
+"""Fault injection for tests: ``DMFS_FAILPOINT`` kills the process or raises an error
+at a named point.
 
-The engine calls :func:`failpoint` between the steps of each operation; the
-crash-safety tests run every name in :data:`FAILPOINTS` and check what a
-restart makes of the pieces.  With the variable unset this costs one
-comparison.
+The engine and its drivers call :func:`failpoint` between the steps of each
+operation (kill points) and just before the system calls that can fail (raise
+points: ``fs:mount``, ``fs:umount``, ``dm:suspend``, ``journal:fsync``).  Every
+name is declared in :data:`FAILPOINTS`; tests that go through failpoints read
+that tuple, so a new name is covered as soon as it is declared.
+
+``DMFS_FAILPOINT`` holds comma-separated specs, each one of::
+
+    NAME            kill the process there (SIGKILL: no cleanup, like a crash)
+    NAME=kill       the same
+    NAME=ERRNO      raise OSError(ERRNO, "injected fault at NAME"), ERRNO being a
+                    name from the errno module: EIO, EBUSY, ENOSPC, ...
+    ...*N           (suffix) fire only the first N times, then do nothing
+
+e.g. ``DMFS_FAILPOINT=fs:mount=EIO*1,commit:after-intent``.  The variable is read
+once, at import; a spec that names no declared failpoint or no errno stops the
+program there with :class:`FailpointSpecError`, rather than testing nothing.
+With the variable unset a failpoint costs one comparison.
+
+Each firing logs one warning first (``failpoint NAME: ...``), so a test can tell
+from the daemon's log which points fired.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENT_VARIABLE = "DMFS_FAILPOINT"
 
 FAILPOINTS = (
     "prepare:after-intent",
@@ -37,13 +64,102 @@ FAILPOINTS = (
     "reconcile:after-resume",
     "reconcile:after-activate",
     "reconcile:after-mount",
+    # raise points: just before the real call, so an injected errno looks like its failure
+    "fs:mount",
+    "fs:umount",
+    "dm:suspend",
+    "journal:fsync",
 )
 
-_armed = os.environ.get("DMFS_FAILPOINT")
+#: builds the exception a raise point throws, from (errno, message); a call site
+#: passes its own when the real call fails with a subclass (e.g. DmError)
+ErrorFactory = Callable[[int, str], OSError]
+
+KILL = "kill"
 
 
-def failpoint(name: str) -> None:
-    """Die here, at once and without cleanup, when this failpoint is armed."""
-    if _armed is not None and _armed == name:
-        assert name in FAILPOINTS, f"undeclared failpoint {name}"
+class FailpointSpecError(ValueError):
+    """``DMFS_FAILPOINT`` says something that cannot be done."""
+
+
+@dataclass
+class Action:
+    """What one armed failpoint does: kill, or raise ``errno``; ``remaining``
+    firings left (None: every time)."""
+
+    errno: int | None  # None: kill
+    remaining: int | None = None
+
+    @property
+    def kills(self) -> bool:
+        return self.errno is None
+
+
+def parse(text: str) -> dict[str, Action]:
+    """The failpoints a ``DMFS_FAILPOINT`` value arms, by name."""
+    armed: dict[str, Action] = {}
+    for spec in (part.strip() for part in text.split(",")):
+        if not spec:
+            continue
+        body, star, count_text = spec.partition("*")
+        remaining = None
+        if star:
+            if not count_text.isdigit() or int(count_text) < 1:
+                raise FailpointSpecError(
+                    f"{ENVIRONMENT_VARIABLE}: {spec!r}: the count after '*' must be a "
+                    "whole number of at least 1")
+            remaining = int(count_text)
+        name, equals, what = (part.strip() for part in body.partition("="))
+        if name not in FAILPOINTS:
+            raise FailpointSpecError(
+                f"{ENVIRONMENT_VARIABLE}: unknown failpoint {name!r}; the declared ones are "
+                f"{', '.join(FAILPOINTS)}")
+        if name in armed:
+            raise FailpointSpecError(f"{ENVIRONMENT_VARIABLE}: failpoint {name!r} is given "
+                                     "twice")
+        if not equals or what == KILL:
+            code = None
+        else:
+            code = getattr(errno, what, None) if what.startswith("E") else None
+            if not isinstance(code, int):
+                raise FailpointSpecError(
+                    f"{ENVIRONMENT_VARIABLE}: {spec!r}: {what!r} is neither 'kill' nor an "
+                    "errno name (EIO, EBUSY, ENOSPC, ...)")
+        armed[name] = Action(code, remaining)
+    return armed
+
+
+def _from_environment() -> dict[str, Action] | None:
+    text = os.environ.get(ENVIRONMENT_VARIABLE)
+    return parse(text) if text else None
+
+
+_armed = _from_environment()
+_count_lock = threading.Lock()
+
+
+def failpoint(name: str, error: ErrorFactory = OSError) -> None:
+    """Kill the process or raise an injected error here, if ``name`` is armed."""
+    if _armed is not None:
+        _fire(name, error)
+
+
+def _fire(name: str, error: ErrorFactory) -> None:
+    if name not in FAILPOINTS:
+        raise FailpointSpecError(f"failpoint({name!r}) is not declared in FAILPOINTS")
+    assert _armed is not None
+    action = _armed.get(name)
+    if action is None:
+        return
+    with _count_lock:  # raise points run in worker threads
+        if action.remaining is not None:
+            if action.remaining == 0:
+                return
+            action.remaining -= 1
+    if action.kills:
+        log.warning("failpoint %s: killing the process", name)
         os.kill(os.getpid(), signal.SIGKILL)
+        return
+    assert action.errno is not None
+    log.warning("failpoint %s: raising %s", name, errno.errorcode[action.errno])
+    raise error(action.errno, f"injected fault at {name}")

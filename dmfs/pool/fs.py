@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmfs.filesystems import mount_options
+from dmfs.pool.failpoints import failpoint
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -49,6 +50,7 @@ def mount(source: str, target: Path, fs_type: str, *, read_only: bool = False,
     """
     flags = MS_NODEV | (MS_RDONLY if read_only else 0)
     data = ",".join(part for part in (mount_options(fs_type), options) if part)
+    failpoint("fs:mount")
     _check(_libc.mount(source.encode(), os.fsencode(target), fs_type.encode(), flags,
                        data.encode() or None), f"mount {source} on", target)
 
@@ -56,6 +58,7 @@ def mount(source: str, target: Path, fs_type: str, *, read_only: bool = False,
 def umount(target: Path, *, lazy: bool = False) -> None:
     """umount2(2); EBUSY (files in use) reaches the caller as OSError."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    failpoint("fs:umount")
     _check(_libc.umount2(os.fsencode(target), flags), "umount", target)
 
 

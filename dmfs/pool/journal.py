@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dmfs.pool.errors import JournalCorrupt, PoolError
+from dmfs.pool.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class Journal:
     def _sync(self) -> None:
         if self._fd is not None and self._dirty:
             try:
+                failpoint("journal:fsync")
                 os.fsync(self._fd)
             except OSError:
                 self.needs_rewrite = True

@@ -33,15 +33,6 @@ from dmfs.pool.thinpool import ThinPool
 
 log = logging.getLogger(__name__)
 
-#: crash points after the steps whose interruption matters most
-_CRASH_POINTS = {Step.DELETE: "reconcile:after-delete",
-                 Step.MARK_FAULTY: "reconcile:after-mark-faulty",
-                 Step.ROLL_BACK: "reconcile:after-roll-back",
-                 Step.RESUME: "reconcile:after-resume",
-                 Step.ACTIVATE: "reconcile:after-activate",
-                 Step.MOUNT: "reconcile:after-mount"}
-
-
 async def reconcile(store: Store, devices: DeviceTable, mounts: MountTable, pool: ThinPool,
                     config: Config) -> Plan:
     """Bring journal, pool, dm devices and mounts into agreement (see dmfs.pool.plan)."""
@@ -86,8 +77,6 @@ class _Executor:
                actions: list[Action]) -> None:
         for action in actions:
             device = self._step(effects, device, snapshot, action)
-            if action.step in _CRASH_POINTS:
-                failpoint(_CRASH_POINTS[action.step])
 
     def _step(self, effects: Effects, device: Device, snapshot: Snapshot | None,
               action: Action) -> Device:
@@ -96,6 +85,7 @@ class _Executor:
             if action.path is not None:
                 _unmount(action.path)
             devices.destroy(effects, device, live=action.live)
+            failpoint("reconcile:after-delete")
         elif step is Step.MARK_FAULTY:
             if action.path is not None:
                 _unmount(action.path, lazy=True)
@@ -108,6 +98,7 @@ class _Executor:
                 device = devices.put(effects, replace(
                     device, state=DeviceState.FAULTY,
                     error="its thin device is missing from the pool"), durable=True)
+            failpoint("reconcile:after-mark-faulty")
         elif step is Step.RECOVER:
             device = devices.put(effects, replace(device, state=DeviceState.DEACTIVATED,
                                                   error=None), durable=True)
@@ -115,8 +106,10 @@ class _Executor:
             assert snapshot is not None
             effects.record({"type": "snapshot",
                             "snapshot": replace(snapshot, pending=None).to_json()})
+            failpoint("reconcile:after-roll-back")
         elif step is Step.RESUME:
             device = self._resume(effects, device)
+            failpoint("reconcile:after-resume")
         elif step is Step.UNMOUNT_STALE:
             assert action.path is not None
             _unmount(action.path, lazy=True)
@@ -124,8 +117,10 @@ class _Executor:
             device = devices.deactivate(effects, device)
         elif step is Step.ACTIVATE:
             device = devices.activate(effects, device, read_only=action.read_only)
+            failpoint("reconcile:after-activate")
         elif step is Step.MOUNT:
             self.mounts.mount(effects, device, read_only=action.read_only)
+            failpoint("reconcile:after-mount")
         elif step is Step.ADOPT:
             assert action.path is not None
             path, read_only = action.path, action.read_only

@@ -32,6 +32,7 @@ from dmfs.pool.dm import (
     DmError,
     NoSuchDevice,
     Target,
+    dm_error,
 )
 from dmfs.pool.errors import PoolError
 from dmfs.pool.failpoints import failpoint
@@ -200,7 +201,7 @@ class ThinPool:
         if active_origin is None:
             self.message(f"create_snap {device_id} {origin_id}")
             return
-        self.dm.suspend(active_origin)
+        self.suspend(active_origin)
         try:
             self.message(f"create_snap {device_id} {origin_id}")
         finally:
@@ -299,6 +300,8 @@ class ThinPool:
             return None
 
     def suspend(self, name: str) -> None:
+        # An injected fault is what the driver would raise: a DmError.
+        failpoint("dm:suspend", lambda code, text: dm_error(code, "suspend", name, text))
         self.dm.suspend(name)
 
     def resume(self, name: str) -> None:

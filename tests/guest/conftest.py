@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from dmfs.config import Config
 from dmfs.filesystems import DEFAULT_FS_TYPE, FILESYSTEMS
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.torture import SEED_VARIABLE, choose_seed
 from tests.support.tree import MountedTree, write_config
 
 #: device-mapper drivers the engine suite runs on
@@ -95,6 +96,34 @@ def tree(unmounted_tree: MountedTree) -> MountedTree:
     """dmfs mounted on the test pool with `dmfs mount`, as root."""
     unmounted_tree.mount()
     return unmounted_tree
+
+
+#: the seeds randomized tests used in this session and what they report, shown at
+#: the end of the run
+_NOTES: list[str] = []
+
+
+@pytest.fixture
+def torture_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a randomized test: DMFS_TORTURE_SEED, or a fresh one.  It is
+    printed with the test's output and in the session's closing summary."""
+    seed = choose_seed()
+    _NOTES.append(f"{request.node.nodeid}: {SEED_VARIABLE}={seed}")
+    print(f"seed {seed} (replay with {SEED_VARIABLE}={seed})")
+    return seed
+
+
+@pytest.fixture
+def session_note() -> Callable[[str], None]:
+    """Add a line to the session's closing summary (e.g. a torture run's numbers)."""
+    return _NOTES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _NOTES:
+        terminalreporter.section("seeds of randomized tests")
+        for line in _NOTES:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
