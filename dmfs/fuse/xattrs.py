@@ -3,8 +3,9 @@ is containerd's Update) and read-only information (``user.dmfs.<field>``).
 
 Attribute names and values reach the daemon as bytes; labels are text, so a
 name or value that is not valid UTF-8 is refused (EINVAL), as is a label too
-big for containerd (E2BIG, from the engine).  pyfuse3 does not pass
-setxattr's flags on: XATTR_CREATE and XATTR_REPLACE act as a plain set.
+big for containerd (E2BIG, from the engine).  setxattr's flags are pyfuse3's:
+it asks getxattr first, so XATTR_CREATE of an existing label is EEXIST and
+XATTR_REPLACE of a missing one ENODATA.
 """
 
 from __future__ import annotations

@@ -39,8 +39,7 @@ from tests.support.tree import MountedTree, errno_of, renameat2
 
 NAME_MAX = 255  # bytes, as seen in the tree: DESIGN §1 answers ENAMETOOLONG past it
 FUSE_NAME_MAX = 1024  # the kernel's FUSE lookup answers ENAMETOOLONG itself past this
-XATTR_NAME_MAX = 255  # bytes, as seen in the tree: DESIGN §1 answers ENAMETOOLONG past it
-FUSE_NAME_MAX = 1024  # the kernel's FUSE lookup answers ENAMETOOLONG itself past this
+XATTR_NAME_MAX = 255  # the kernel answers ERANGE itself for longer attribute names
 XATTR_SIZE_MAX = 65536
 LABEL_MAX = 4096  # containerd: a label's key and value together
 XATTR_CREATE, XATTR_REPLACE = 1, 2
