@@ -246,9 +246,9 @@ def _diff_in_trees(args: argparse.Namespace, named: list[tuple[TreeSource, str]]
 def _diff_with_engine(args: argparse.Namespace, config: Any) -> int:
     import trio
 
+    from dmfs.cli.preflight import EnvironmentProblem, require_device_mapper, require_root
     from dmfs.diff.lineage import Lineage
     from dmfs.pool import NotFound, PoolError, SnapshotError, Snapshotter
-    from dmfs.preflight import EnvironmentProblem, require_device_mapper, require_root
 
     require_root("dmfs diff --config (with no dmfs daemon serving the pool)")
     require_device_mapper()
@@ -332,8 +332,8 @@ def _delta_loader(old_root: Path | None, new_root: Path, driver: str
         return None
 
     def load() -> Any:
+        from dmfs.cli.preflight import EnvironmentProblem, open_device_mapper
         from dmfs.pool import PoolError, ThinPool, read_delta, thin_device_of
-        from dmfs.preflight import EnvironmentProblem, open_device_mapper
 
         try:
             dm = open_device_mapper(driver)

@@ -13,6 +13,8 @@ from dmfs.pool.errors import InvalidArgument, LabelTooLarge
 
 MAX_LABEL_SIZE = 4096  # containerd: key + value
 MAX_KEY_SIZE = 4096
+#: no limit of its own: what matters for labels is their size together
+MAX_TEXT = 2**31
 
 
 def check_text(text: object, what: str, limit: int) -> str:
@@ -38,9 +40,10 @@ def check_key(key: object, what: str = "snapshot key") -> str:
 def check_labels(labels: Mapping[str, str | None]) -> None:
     """Label names and values (None: a label to delete) containerd would take."""
     for name, value in labels.items():
-        check_text(name, "label name", MAX_LABEL_SIZE)
+        # Text first (any length), then containerd's limit on key and value together.
+        check_text(name, "label name", MAX_TEXT)
         if value:
-            check_text(value, f"the value of label {name!r}", MAX_LABEL_SIZE)
+            check_text(value, f"the value of label {name!r}", MAX_TEXT)
         size = len(name.encode()) + len((value or "").encode())
         if size > MAX_LABEL_SIZE:
             raise LabelTooLarge(f"label {name!r} is {size} bytes with its value, more than "

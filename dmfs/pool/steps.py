@@ -78,8 +78,11 @@ class Steps:
                 failpoint("prepare:after-activate")
                 mount = self.mounts.mount(effects, device, read_only=False)
                 failpoint("prepare:after-mount")
+            # Durable here, not at the end of the sequence: if it cannot be, the
+            # device goes again (below) and the prepare leaves nothing behind.
             effects.record({"type": "snapshot",
-                            "snapshot": replace(template, device_id=device.id).to_json()})
+                            "snapshot": replace(template, device_id=device.id).to_json()},
+                           durable=True)
         except BaseException:
             self.discard(effects, device, mount)
             raise

@@ -38,22 +38,42 @@ T = TypeVar("T")
 
 class Effects:
     """What one worker-thread sequence did to the store and the tables: journal
-    records already written, and changes to in-memory state still to apply."""
+    records already written, and changes to in-memory state still to apply.
+
+    A record that could not be made durable (its fsync failed) is retracted:
+    it is not applied, and the checkpoint that :meth:`Store.run` then writes
+    (the whole state, at a sequence number past it) makes replay skip it.  So
+    an operation whose records do not reach the disk fails and leaves no
+    trace, rather than answering an error and happening anyway."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
         self._pending: list[Callable[[], None]] = []
+        self._undurable: list[int] = []  # our records written since our last sync
         self._meta: Metadata | None = None
 
     def record(self, record: dict[str, Any], *, durable: bool = False) -> None:
         """Journal ``record`` now (on disk before this returns if ``durable``);
-        apply it to the metadata later, on the trio thread."""
+        apply it to the metadata later, on the trio thread.  OSError when it
+        cannot be written or made durable (then it and the records before it
+        that were not durable yet are retracted)."""
         self._journal.write(record)
-        # Written is enough: replay will apply it, so memory must too, even
-        # when the fsync below fails.
+        self._undurable.append(len(self._pending))
         self._pending.append(lambda: self._apply(record))
         if durable:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make this sequence's records durable; OSError (and retract them) if
+        the fsync fails."""
+        try:
             self._journal.sync()
+        except OSError:
+            for index in self._undurable:
+                self._pending[index] = _retracted
+            raise
+        finally:
+            self._undurable = []
 
     def later(self, change: Callable[[], None]) -> None:
         """Run ``change`` on the trio thread once the sequence is over."""
@@ -69,6 +89,10 @@ class Effects:
         pending, self._pending = self._pending, []
         for change in pending:
             change()
+
+
+def _retracted() -> None:
+    """A record whose fsync failed: nothing to apply."""
 
 
 class Store:
@@ -91,10 +115,11 @@ class Store:
         the middle, and its effects are always applied.  A sequence journals
         the intent of each dm operation durably before it (an fsync failure
         there stops the sequence before the kernel acts); the records that
-        complete it become durable at the end.  When any fsync failed, the
-        whole state is written again as a checkpoint before this returns, and
-        PoolError is raised if that fails too: an operation answers only once
-        what it did is on disk."""
+        complete it become durable at the end.  A record whose fsync failed
+        is retracted (see :class:`Effects`) and the error raised; the whole
+        state is then written again as a checkpoint before this returns (and
+        PoolError is raised if that fails too), so that replay agrees with
+        memory.  An operation answers success only once what it did is on disk."""
         effects = Effects(self.journal)
         self._enter()
         try:
@@ -111,10 +136,13 @@ class Store:
     def _in_worker(self, sequence: Callable[..., T], effects: Effects,
                    args: tuple[Any, ...]) -> T:
         try:
-            return sequence(effects, *args)
-        finally:
-            with contextlib.suppress(OSError):  # needs_rewrite is set: run() rewrites
-                self.journal.sync()
+            result = sequence(effects, *args)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the error that matters is on its way
+                effects.sync()
+            raise
+        effects.sync()  # the records that complete the operation
+        return result
 
     async def write(self, *records: dict[str, Any]) -> None:
         """Journal records durably (in a worker thread), then apply them."""

@@ -287,3 +287,13 @@ def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_import_of_a_module_that_does_not_exist_is_a_problem(tmp_path: Path) -> None:
+    # A moved module leaves lazy imports behind that only fail when they run.
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def later():\n    from pkg.moved import thing\n")
+    report = checker.check(package, [])
+    assert [p for p in report.problems if "there is no such module" in p]

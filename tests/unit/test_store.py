@@ -60,10 +60,11 @@ async def test_effects_of_a_failed_sequence_are_applied_too(tmp_path: Path) -> N
     assert 1 in store.meta.devices  # written, so applied: a replay would apply it
 
 
-async def test_a_failed_fsync_is_answered_after_a_fresh_checkpoint(
+async def test_a_record_whose_fsync_fails_is_retracted_and_superseded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(tmp_path)
-    real_fsync = store.journal.__class__._sync
+    await store.write(device_record(1, DeviceState.CREATED))
+    real_fsync = Journal._sync
     calls = {"n": 0}
 
     def failing_once(journal: Journal) -> None:
@@ -74,12 +75,13 @@ async def test_a_failed_fsync_is_answered_after_a_fresh_checkpoint(
         real_fsync(journal)
 
     monkeypatch.setattr(Journal, "_sync", failing_once)
-    await store.write(device_record(1, DeviceState.CREATED))
-    assert not store.journal.needs_rewrite
+    with pytest.raises(OSError, match="injected"):
+        await store.write(device_record(2, DeviceState.CREATED))
+    assert set(store.meta.devices) == {1}  # not applied
+    assert not store.journal.needs_rewrite  # the state was written again
+    await store.write(device_record(3, DeviceState.CREATED))  # the next one works
     store.journal.close()
-    reopened = Journal(tmp_path)
-    checkpoint, records = reopened.open()
-    assert checkpoint is not None and checkpoint["devices"][0]["id"] == 1 and records == []
+    assert set(open_store(tmp_path).meta.devices) == {1, 3}  # replay agrees
 
 
 async def test_a_checkpoint_keeps_records_written_while_it_is_made(tmp_path: Path) -> None:
