@@ -204,8 +204,6 @@ class Snapshotter(SnapshotReader):
             raise PoolError("the base device is missing (restart dmfs to recreate it)")
         return base
 
-
-
     # ================================================================ file access
     @translated("mount")
     async def mountpoint(self, key: str) -> Path:
@@ -236,7 +234,6 @@ class Snapshotter(SnapshotReader):
             mount = await self.store.run(self.steps.make_available, device, read_only)
             return mount.path
 
-
     async def _expire_idle(self, device_id: int) -> bool:
         return await self._expire(device_id, idle=self.config.idle_timeout)
 
@@ -253,7 +250,6 @@ class Snapshotter(SnapshotReader):
             except SnapshotError as error:
                 log.warning("cannot unmount idle snapshot device %d: %s", device_id, error)
                 return False
-
 
     async def expire_idle(self) -> int:
         """Unmount every read-only snapshot not in use now; returns how many."""
@@ -295,7 +291,6 @@ class Snapshotter(SnapshotReader):
             await self.store.compact()
             return self._info(self._get(name))
 
-
     async def _undo_commit(self, snapshot: Snapshot) -> None:
         """Put an interrupted commit back: live, mounted read-write, not pending."""
         device = self.devices.get(snapshot.device_id)
@@ -307,7 +302,6 @@ class Snapshotter(SnapshotReader):
         except (SnapshotError, OSError) as error:
             log.error("putting snapshot %r back after a failed commit failed (the next "
                       "start will): %s", snapshot.key, error)
-
 
     @translated("rename")
     async def rename(self, key: str, new_key: str) -> Info:
@@ -371,7 +365,6 @@ class Snapshotter(SnapshotReader):
         else:
             await self._finish_removal(device_id, live)
 
-
     async def _finish_removal(self, device_id: int, live: bool) -> None:
         """Deactivate and delete a Removing device (outside the engine lock, so a
         big delete does not hold up other operations)."""
@@ -389,7 +382,6 @@ class Snapshotter(SnapshotReader):
                 self._removals_idle.set()
             with contextlib.suppress(SnapshotError):
                 await self.store.compact()
-
 
     async def wait_removals(self) -> None:
         """Wait until every background (async_remove) deletion has finished."""
