@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,7 @@ class _Mount:
     path: Path
     read_only: bool
     last_used: float = field(default_factory=time.monotonic)
+    unmounting: bool = False  # idle expiry is unmounting it: mountpoint() waits
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -112,6 +113,10 @@ class _Mount:
 
 #: run a blocking call in a worker thread (the trio loop stays free)
 run = trio.to_thread.run_sync
+
+
+async def _nothing_to_drop(device_id: int) -> None:
+    pass
 
 
 def _maybe_live(device: Device) -> bool:
@@ -143,6 +148,9 @@ class Snapshotter:
         self._background_removals = 0
         self._removals_idle = trio.Event()
         self._removals_idle.set()
+        #: awaited with the device id before an idle snapshot is unmounted: a front
+        #: end drops what it handed out (the FUSE view: the kernel's cached fs link)
+        self.before_idle_unmount: Callable[[int], Awaitable[None]] = _nothing_to_drop
 
     # ================================================================ lifecycle
     @classmethod
@@ -543,7 +551,7 @@ class Snapshotter:
         snapshot = self._get(key)
         device_id = snapshot.device_id
         mount = self._mounts.get(device_id)
-        if mount is not None:
+        if mount is not None and not mount.unmounting:
             mount.touch()
             return mount.path
         async with self._device_locks[device_id]:
@@ -583,7 +591,17 @@ class Snapshotter:
             mount = self._mounts.get(device_id)
             if mount is None or not mount.read_only:
                 return False
-            return await run(self._expire_blocking, device_id)
+            # The hook runs before `unmounting` is set: it may wait for a path walk whose
+            # mountpoint() call must be answered (and then counts as a use).
+            used = mount.last_used
+            await self.before_idle_unmount(device_id)
+            if mount.last_used != used:
+                return False  # used again meanwhile
+            mount.unmounting = True
+            try:
+                return await run(self._expire_blocking, device_id)
+            finally:
+                mount.unmounting = False
 
     def _expire_blocking(self, device_id: int) -> bool:
         try:
