@@ -59,11 +59,15 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
             stack.callback(_close_fuse)
             stack.callback(linkcache.forget, config.runtime_dir)
             log.info("serving thin pool %s at %s", config.pool_name, mountpoint)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals, on_stopping)
-                on_ready()
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_on_signals, on_stopping)
+                    on_ready()
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await operations.session_closing()
         log.info("%s unmounted; stopping the engine", mountpoint)
 
 

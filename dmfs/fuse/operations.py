@@ -111,6 +111,8 @@ class DmfsOperations(pyfuse3.Operations):
             inode, attr_only=True))
         self.requests: Counter[str] = Counter()
         self.link_cache = linkcache.LinkCache(False, "not mounted yet")
+        self._link_invalidation = trio.Lock()  # held while one runs in a worker thread
+        self._session_closing = False
         engine.before_idle_unmount = self._idle_unmount_coming
 
     def init(self) -> None:
@@ -366,12 +368,21 @@ class DmfsOperations(pyfuse3.Operations):
         inode = self.inodes.known_to_kernel(Role.FS_LINK, identity)
         if inode is None:
             return  # the kernel never resolved it, or forgot it
-        try:
-            await trio.to_thread.run_sync(self._invalidate_link_target, inode)
-        except OSError as error:
-            if error.errno != errno.ENOENT:  # ENOENT: forgotten meanwhile
-                log.warning("the kernel may keep a stale target for fs link inode %d: %s",
-                            inode, error)
+        async with self._link_invalidation:
+            if self._session_closing:
+                return  # the FUSE session goes away, and the kernel's caches with it
+            try:
+                await trio.to_thread.run_sync(self._invalidate_link_target, inode)
+            except OSError as error:
+                if error.errno != errno.ENOENT:  # ENOENT: forgotten meanwhile
+                    log.warning("the kernel may keep a stale target for fs link inode %d: %s",
+                                inode, error)
+
+    async def session_closing(self) -> None:
+        """No invalidation may reach pyfuse3 once its session is closed (the
+        engine's idle timer outlives the FUSE mount): wait for one under way."""
+        async with self._link_invalidation:
+            self._session_closing = True
 
     @staticmethod
     def _invalidate_link_target(inode: int) -> None:
