@@ -10,10 +10,11 @@ Prints, from one run:
   and mounted again directly (the same filesystem: only the path differs):
   sequential write (with fsync) and cold read of a big file, and 10,000 small
   files created, stat'ed, read and unlinked, natively, through
-  ``M/<node>/fs/...`` paths and from a cwd inside ``M/<node>/fs``.  Once with
-  the kernel caching fs links (pyfuse3 from contrib/pyfuse3) and once as with
-  stock pyfuse3 (``tests.support.stock_pyfuse3``), with the READLINKs that
-  reached the daemon;
+  ``M/<node>/fs/...`` paths, from a cwd inside ``M/<node>/fs``, and through an
+  ordinary symlink to where ``fs`` points (what the longer walk alone costs).
+  Once with the kernel caching fs links (pyfuse3 from contrib/pyfuse3) and
+  once as with stock pyfuse3 (``tests.support.stock_pyfuse3``), with the
+  READLINKs that reached the daemon;
 - mkdir / mv / rmdir through the mount against the engine's prepare / commit
   / remove on a second pool, sample by sample in turn (other load on the
   machine hits both alike);
@@ -134,6 +135,9 @@ def data_path(args: argparse.Namespace, tree: MountedTree, node: str, direct: Pa
     big: dict[str, dict[str, list[float]]] = {"native": {"write": [], "read": []},
                                               "dmfs": {"write": [], "read": []}}
     small: dict[str, dict[str, list[float]]] = {}
+    # The control for path walks: an ordinary symlink (on tmpfs) to the same target.
+    symlink = direct.parent / f"{node}-symlink"
+    symlink.symlink_to(os.readlink(through))
     readlinks_before = tree.requests().get("readlink", 0)
     for turn in range(args.repeat):
         for label, root in (("native", direct), ("dmfs", through)):
@@ -147,13 +151,14 @@ def data_path(args: argparse.Namespace, tree: MountedTree, node: str, direct: Pa
             # ext4 writes the next file elsewhere: give the blocks back to the pool.
             subprocess.run(["fstrim", str(direct)], check=True)
         roots = {"native": (direct / "native", False), "path": (through / "path", False),
-                 "cwd": (through / "cwd", True)}
+                 "cwd": (through / "cwd", True), "symlink": (symlink / "symlink", False)}
         for root, _ in roots.values():
             root.mkdir(exist_ok=True)
         for label, phases in small_files_in_turn(roots, args.files, turn).items():
             for phase, seconds in phases.items():
                 small.setdefault(label, {}).setdefault(phase, []).append(seconds)
     readlinks = tree.requests().get("readlink", 0) - readlinks_before
+    symlink.unlink()
     mib = args.size_mib
     for op in ("write", "read") if size else ():
         native = statistics.median(big["native"][op])
@@ -163,9 +168,9 @@ def data_path(args: argparse.Namespace, tree: MountedTree, node: str, direct: Pa
     for phase in PHASES:
         native = statistics.median(small["native"][phase])
         line = f"  {args.files} files {phase:6}  native {args.files / native:7.0f}/s"
-        for label in ("path", "cwd"):
+        for label in ("path", "cwd", "symlink"):
             seconds = statistics.median(small[label][phase])
-            line += f"   {label} {args.files / seconds:7.0f}/s ({native / seconds:4.2f}x)"
+            line += f"  {label} {args.files / seconds:6.0f}/s ({native / seconds:4.2f}x)"
         rows.append(line)
     walks = 4 * args.files * args.repeat
     rows.append(f"  READLINKs that reached the daemon: {readlinks} (the path runs walked "
