@@ -124,8 +124,12 @@ class Namespace:
 
     # ------------------------------------------------------------------ attributes
     def attrs(self, inode: int, mode: int, *, size: int = 0, nlink: int = 1,
-              timeout: float = NODE_TIMEOUT, times: tuple[str, str] | None = None
-              ) -> pyfuse3.EntryAttributes:
+              timeout: float = NODE_TIMEOUT, times: tuple[str, str] | None = None,
+              entries_changed_ns: int = 0) -> pyfuse3.EntryAttributes:
+        """Attributes of one inode of the tree.  A directory's mtime (and ctime)
+        is also when its entries last changed (``entries_changed_ns``), as on any
+        filesystem: the kernel drops its cached listing of a directory whose
+        mtime moved (:mod:`dmfs.fuse.listings`)."""
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode
         attrs.st_mode = mode
@@ -137,14 +141,16 @@ class Namespace:
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
         stamp = _ns(times[1]) if times else self._started_ns
-        attrs.st_ctime_ns = attrs.st_mtime_ns = attrs.st_atime_ns = stamp
+        attrs.st_atime_ns = stamp
+        attrs.st_ctime_ns = attrs.st_mtime_ns = max(stamp, entries_changed_ns)
         return attrs
 
     def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
         permissions = 0o755 if info.kind is Kind.ACTIVE else 0o555
         return self.attrs(self.node_inode(info), stat.S_IFDIR | permissions,
                           nlink=2 + self.engine.child_count(info.key),
-                          times=(info.created, info.updated))
+                          times=(info.created, info.updated),
+                          entries_changed_ns=self.engine.children_changed_ns(info.key))
 
     def fs_target(self, info: Info) -> bytes:
         return os.fsencode(self.engine.mount_path(info.device_id))
@@ -156,10 +162,13 @@ class Namespace:
         """The attributes of the root and the .dmfs directories (None: not one)."""
         if inode == inodes.ROOT:
             return self.attrs(inode, stat.S_IFDIR | 0o755,
-                              nlink=3 + self.engine.child_count(None))
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
-            return self.attrs(inode, stat.S_IFDIR | 0o555,
-                              nlink=3 if inode == inodes.CONTROL_DIR else 2, timeout=0)
+                              nlink=3 + self.engine.child_count(None),
+                              entries_changed_ns=self.engine.children_changed_ns(None))
+        if inode == inodes.CONTROL_DIR:
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=3, timeout=0)
+        if inode == inodes.BY_NAME_DIR:
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=2, timeout=0,
+                              entries_changed_ns=self.engine.keys_changed_ns())
         return None
 
     def snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:

@@ -20,11 +20,11 @@ from typing import NoReturn
 
 import pyfuse3
 
-from dmfs.fuse import control, inodes, linkcache, requests, xattrs
+from dmfs.fuse import control, inodes, linkcache, listings, requests, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe, refuse
-from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole
-from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display, encode_key
-from dmfs.fuse.namespace import CONTROL, FS, Namespace
+from dmfs.fuse.inodes import EntryRole
+from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display
+from dmfs.fuse.namespace import FS, Namespace
 from dmfs.fuse.permissions import is_admin, why_not_admin
 from dmfs.pool import Info, Kind, SnapshotError, Snapshotter
 
@@ -55,7 +55,7 @@ class DmfsOperations(pyfuse3.Operations):
         self.admin_gid = admin_gid
         self.ns = Namespace(engine, admin_gid)
         self.inodes = self.ns.inodes
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+        self.listings = listings.Listings(self.ns)
         self._open_files: dict[int, bytes] = {}
         self._control_sizes: dict[int, int] = {}
         self._next_fh = 1
@@ -162,43 +162,26 @@ class DmfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
     @failsafe
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode == inodes.ROOT:
-            entries = [(CONTROL, inodes.CONTROL_DIR), *self.ns.node_entries(None)]
-        elif inode == inodes.CONTROL_DIR:
-            entries = sorted(CONTROL_ENTRIES.items())
-        elif inode == inodes.BY_NAME_DIR:
-            entries = [(os.fsencode(encode_key(info.key)),
-                        self.inodes.inode(EntryRole.BY_NAME, info.identity))
-                       for info in await self.engine.walk()]
-        else:
-            node = self.ns.node(inode)
-            if node is None:
-                raise pyfuse3.FUSEError(errno.ENOTDIR if self.ns.snapshot(inode)
-                                        else errno.ENOENT)
-            fs_link = self.inodes.inode(EntryRole.FS_LINK, node.identity)
-            entries = [(FS, fs_link), *self.ns.node_entries(node.key)]
-        fh = self._next_fh
-        self._next_fh += 1
-        self._listings[fh] = entries
-        return fh
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> int | pyfuse3.FileInfo:
+        return self.listings.open(inode)
 
     @failsafe
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._listings.get(fh, [])
+        entries = await self.listings.entries(fh, start_id)
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
                 attrs = await self._getattr(inode)
             except pyfuse3.FUSEError:
-                continue  # removed since opendir
+                continue  # removed since the listing started
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
             self.inodes.looked_up(inode)
 
     @failsafe
     async def releasedir(self, fh: int) -> None:
-        self._listings.pop(fh, None)
+        self.listings.release(fh)
 
     @failsafe
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

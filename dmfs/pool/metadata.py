@@ -8,6 +8,7 @@ several objects (commit, rename, remove) is one record, applied at once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -164,6 +165,12 @@ class Metadata:
         self._free_floor = 1
         #: counts applied records, so readers can tell the state has not changed
         self.version = 0
+        #: when each node's list of children last changed, and when any key came
+        #: or went (ns since the epoch; since this process started): the mtimes of
+        #: the tree's directories, which move whenever their entries change so
+        #: that the kernel drops its cached listings of them
+        self._children_changed: dict[str | None, int] = {}
+        self.keys_changed_ns = 0
 
     # -- queries ---------------------------------------------------------------
     def children(self, key: str | None) -> list[Snapshot]:
@@ -172,6 +179,16 @@ class Metadata:
 
     def child_count(self, key: str | None) -> int:
         return len(self._children.get(key, ()))
+
+    def children_changed_ns(self, key: str | None) -> int:
+        """When a child of ``key`` (None: a parentless snapshot) last came, went or
+        was renamed, in ns since the epoch; 0 when not since this process started."""
+        return self._children_changed.get(key, 0)
+
+    def _children_change(self, parent: str | None) -> None:
+        # Strictly increasing, so two changes within one clock tick differ.
+        stamp = max(time.time_ns(), self.keys_changed_ns + 1)
+        self._children_changed[parent] = self.keys_changed_ns = stamp
 
     def snapshot_of_device(self, device_id: int) -> Snapshot | None:
         key = self._by_device.get(device_id)
@@ -190,6 +207,7 @@ class Metadata:
         self.snapshots[snapshot.key] = snapshot
         self._children.setdefault(snapshot.parent, set()).add(snapshot.key)
         self._by_device[snapshot.device_id] = snapshot.key
+        self._children_change(snapshot.parent)
 
     def _drop(self, key: str) -> Snapshot:
         try:
@@ -201,6 +219,7 @@ class Metadata:
         if not siblings:
             del self._children[snapshot.parent]
         del self._by_device[snapshot.device_id]
+        self._children_change(snapshot.parent)
         return snapshot
 
     def allocate_id(self, unavailable: set[int] | frozenset[int] = frozenset()) -> int | None:

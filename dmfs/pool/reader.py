@@ -81,6 +81,15 @@ class SnapshotReader:
     def child_count(self, key: str | None) -> int:
         return self.meta.child_count(key)
 
+    def children_changed_ns(self, key: str | None) -> int:
+        """When the children of ``key`` (None: the parentless snapshots) last
+        changed (ns since the epoch, 0: not since the engine opened)."""
+        return self.meta.children_changed_ns(key)
+
+    def keys_changed_ns(self) -> int:
+        """When any snapshot last came, went or was renamed (as above)."""
+        return self.meta.keys_changed_ns
+
     def by_device(self, device_id: int) -> Info | None:
         """The snapshot on a thin device, if any (for the FUSE view's inodes)."""
         snapshot = self.meta.snapshot_of_device(device_id)

@@ -126,6 +126,14 @@ def test_metadata_commit_rename_remove_and_indexes() -> None:
     meta.apply({"type": "remove", "key": "b"})
     assert meta.devices[2].state is DeviceState.REMOVING
     assert meta.snapshot_of_device(2) is None and meta.child_count("root") == 1
+    # Directory mtimes in the tree: when each node's children last changed.
+    changed = meta.children_changed_ns("root")
+    assert changed > 0 and meta.keys_changed_ns >= changed
+    meta.apply(snapshot_record("c", "root", 3, Kind.VIEW))  # a label change, say
+    assert meta.children_changed_ns("root") == changed  # labels: same entries
+    meta.apply({"type": "remove", "key": "c"})
+    assert meta.children_changed_ns("root") > changed
+    assert meta.children_changed_ns("nothing") == 0
     assert Metadata.load(meta.dump()).dump() == meta.dump()
     with pytest.raises(MetadataError):
         meta.apply({"type": "remove", "key": "b"})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from dmfs.fuse import control, inodes, xattrs
+from dmfs.fuse import control, inodes, listings, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe
 from dmfs.fuse.inodes import EntryRole, InodeTable
 from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry
@@ -45,6 +45,16 @@ class FakeEngine:
 
     def __init__(self, *infos: Info) -> None:
         self.infos = {i.key: i for i in infos}
+        self.changed: dict[str | None, int] = {}
+
+    def children_changed_ns(self, key: str | None) -> int:
+        return self.changed.get(key, 0)
+
+    def keys_changed_ns(self) -> int:
+        return max(self.changed.values(), default=0)
+
+    async def walk(self) -> list[Info]:
+        return sorted(self.infos.values(), key=lambda i: i.key)
 
     def get(self, key: str) -> Info | None:
         return self.infos.get(key)
@@ -160,3 +170,44 @@ async def test_failsafe_answers_eio_and_logs_one_traceback(
     with pytest.raises(pyfuse3.FUSEError) as error:
         await refused()
     assert error.value.errno == errno.EBUSY
+
+
+async def test_listings_are_computed_when_a_listing_starts_and_kept_for_its_rest() -> None:
+    engine = FakeEngine(info("base", 2), info("a", 3, parent="base"))
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    base = ns.child_inode(inodes.ROOT, b"base")
+    assert base is not None
+    table = listings.Listings(ns, cache=True)
+    opened = table.open(base)
+    assert isinstance(opened, pyfuse3.FileInfo) and opened.cache_readdir and opened.keep_cache
+    fh = opened.fh
+    # Added after opendir, before the listing starts: listed (the kernel stamps
+    # its cache with the mtime it fetched just before offset 0).
+    engine.infos["b"] = info("b", 4, parent="base")
+    assert [name for name, _ in await table.entries(fh, 0)] == [b"fs", b"a", b"b"]
+    del engine.infos["a"]
+    assert [name for name, _ in await table.entries(fh, 2)] == [b"fs", b"a", b"b"]
+    assert [name for name, _ in await table.entries(fh, 0)] == [b"fs", b"b"]  # rewinddir
+    table.release(fh)
+    assert await table.entries(fh, 0) == [] and len(table) == 0
+    assert isinstance(listings.Listings(ns, cache=False).open(inodes.ROOT), int)
+    link = ns.child_inode(base, b"fs")
+    for inode, code in [(link, errno.ENOTDIR), (10**9, errno.ENOENT)]:
+        with pytest.raises(pyfuse3.FUSEError) as error:
+            table.open(inode)  # type: ignore[arg-type]
+        assert error.value.errno == code
+    by_name = await table.entries(table.open(inodes.BY_NAME_DIR).fh, 0)  # type: ignore[union-attr]
+    assert [name for name, _ in by_name] == [b"b", b"base"]
+
+
+def test_a_directory_mtime_moves_when_its_entries_change() -> None:
+    engine = FakeEngine(info("base", 2))
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    before = ns.node_attrs(engine.infos["base"]).st_mtime_ns
+    root_before = ns.fixed_attrs(inodes.ROOT).st_mtime_ns  # type: ignore[union-attr]
+    engine.changed["base"] = before + 5
+    assert ns.node_attrs(engine.infos["base"]).st_mtime_ns == before + 5
+    engine.changed[None] = root_before + 7
+    assert ns.fixed_attrs(inodes.ROOT).st_mtime_ns == root_before + 7  # type: ignore[union-attr]
+    by_name = ns.fixed_attrs(inodes.BY_NAME_DIR)
+    assert by_name.st_mtime_ns == root_before + 7  # type: ignore[union-attr]
