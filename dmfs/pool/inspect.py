@@ -116,7 +116,7 @@ def inspect_pool(config: Config, dm: DeviceMapper) -> Inspection:
     pool = ThinPool(dm, config.pool_name)
     status = pool.attach()
     assert pool.table is not None
-    world = observe(pool, config)
+    world = observe(pool, config, usage=True)
     inspection = Inspection(
         config=config, meta=meta, status=status, block_size=pool.block_size,
         low_water_blocks=pool.table.low_water_blocks, usage=world.usage,

@@ -56,14 +56,12 @@ class LiveDevice:
 class World:
     """What the kernel says, read once at the start of reconciliation."""
 
-    usage: dict[int, ThinUsage]  # every thin id in the pool
+    pool_ids: set[int]  # every thin id in the pool
     live: dict[str, LiveDevice]  # dm name -> device, for dmfs's names only
     mounts: dict[int, MountEntry]  # <runtime>/snapshots/<id> -> its mount
     stray_mounts: list[MountEntry] = field(default_factory=list)  # other names there
-
-    @property
-    def pool_ids(self) -> set[int]:
-        return set(self.usage)
+    #: mapped and exclusive bytes of each thin id (only when observed with usage)
+    usage: dict[int, ThinUsage] = field(default_factory=dict)
 
 
 class Step(Enum):
@@ -258,9 +256,15 @@ def _settle(device: Device, snapshot: Snapshot, world: World,
     return actions
 
 
-def observe(pool: ThinPool, config: Config) -> World:
-    """What the kernel says about the pool's devices and mounts (blocking)."""
-    usage = pool.thin_usage()
+def observe(pool: ThinPool, config: Config, *, usage: bool = False) -> World:
+    """What the kernel says about the pool's devices and mounts (blocking); with
+    ``usage``, also each thin device's mapped and exclusive bytes (``dmfs check``).
+
+    The start-up plan needs only the ids: thin_ls then reads the device tree
+    alone instead of every mapping (0.5 s of a 1.0 s engine start with 10,000
+    snapshots, measured in the guest)."""
+    sizes = pool.thin_usage() if usage else {}
+    ids = set(sizes) if usage else pool.thin_ids()
     live = {}
     for name in pool.live_devices():
         if config.names_a_dmfs_device(name):
@@ -274,4 +278,4 @@ def observe(pool: ThinPool, config: Config) -> World:
             mounts[int(path.name)] = entry
         else:
             stray.append(entry)
-    return World(usage, live, mounts, stray)
+    return World(ids, live, mounts, stray, sizes)

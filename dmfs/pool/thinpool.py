@@ -246,22 +246,26 @@ class ThinPool:
 
         Reads a metadata snapshot with thin_ls, the only way to list the ids of
         a live pool (a process: use it at start and on request, not per call).
+        Counting exclusive bytes walks every mapping of every device.
         """
+        return {int(fields[0]): ThinUsage(int(fields[1]), int(fields[2]))
+                for fields in self._thin_ls("DEV,MAPPED_BYTES,EXCLUSIVE_BYTES")
+                if len(fields) == 3}
+
+    def thin_ids(self) -> set[int]:
+        """Every thin id in the pool: thin_ls of the device tree alone."""
+        return {int(fields[0]) for fields in self._thin_ls("DEV") if len(fields) == 1}
+
+    def _thin_ls(self, columns: str) -> list[list[str]]:
         if shutil.which("thin_ls") is None:
             raise PoolError("thin_ls not found: install thin-provisioning-tools")
         with self.metadata_snapshot() as metadata_node:
             result = subprocess.run(
-                ["thin_ls", "--metadata-snap", "--no-headers", "-o",
-                 "DEV,MAPPED_BYTES,EXCLUSIVE_BYTES", metadata_node],
+                ["thin_ls", "--metadata-snap", "--no-headers", "-o", columns, metadata_node],
                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise PoolError(f"thin_ls failed: {result.stderr.strip()}")
-        usage = {}
-        for line in result.stdout.splitlines():
-            fields = line.split()
-            if len(fields) == 3:
-                usage[int(fields[0])] = ThinUsage(int(fields[1]), int(fields[2]))
-        return usage
+        return [line.split() for line in result.stdout.splitlines()]
 
     # -- thin devices -------------------------------------------------------------------
     def thin_table(self, device_id: int, size: int) -> list[Target]:

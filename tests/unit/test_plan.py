@@ -8,7 +8,6 @@ from pathlib import Path
 from dmfs.pool.fs import MountEntry
 from dmfs.pool.metadata import Device, DeviceRole, DeviceState, Kind, Metadata, Snapshot
 from dmfs.pool.plan import LiveDevice, Step, World, plan
-from dmfs.pool.thinpool import ThinUsage
 
 BASE = 1
 RUN = Path("/run/dmfs/p/snapshots")
@@ -34,7 +33,7 @@ def meta_with(*devices: Device, snapshots: tuple[Snapshot, ...] = ()) -> Metadat
 
 def world(ids: set[int], live: dict[str, LiveDevice] | None = None,
           mounts: dict[int, MountEntry] | None = None) -> World:
-    return World({i: ThinUsage(0, 0) for i in ids | {BASE}}, live or {}, mounts or {})
+    return World(ids | {BASE}, live or {}, mounts or {})
 
 
 def mounted(device_id: int, devnum: tuple[int, int], read_only: bool = False) -> MountEntry:
@@ -140,7 +139,7 @@ def test_strays_and_foreign_ids() -> None:
     meta = meta_with()
     stray_mount = MountEntry((253, 7), RUN / "7", "ext4", "/dev/mapper/x", False)
     odd_mount = MountEntry((253, 8), RUN / "odd", "ext4", "/dev/mapper/y", False)
-    seen = World({BASE: ThinUsage(0, 0), 42: ThinUsage(0, 0)},
+    seen = World({BASE, 42},
                  {"p-snap-9": LiveDevice((253, 9))}, {7: stray_mount}, [odd_mount])
     the_plan = plan(meta, seen)
     assert [(a.step, a.path or a.name) for a in the_plan.actions] == [
