@@ -3,8 +3,9 @@
 Besides dmfs's version: the Python and the libraries the tree depends on
 (pyfuse3 and the libfuse it is linked with, trio, pyudev), the kernel, and
 whether the kernel caches the targets of the tree's ``fs`` symlinks
-(FUSE_CAP_CACHE_SYMLINKS, DESIGN.md §6): that needs Linux ≥ 4.20 and a pyfuse3
-that can ask for it, which pyfuse3 3.5 cannot.  The kernel's FUSE protocol
+(FUSE_CAP_CACHE_SYMLINKS, DESIGN.md §6) and its listings (FOPEN_CACHE_DIR):
+both need Linux ≥ 4.20 and a pyfuse3 that can ask for them, which stock
+pyfuse3 3.5 cannot (contrib/pyfuse3 has the patches).  The kernel's FUSE protocol
 version is only known once a filesystem is mounted (the INIT exchange), so it
 is not shown.  Every probe is defensive: ``--version`` always answers.
 """
@@ -12,8 +13,6 @@ is not shown.  Every probe is defensive: ``--version`` always answers.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.metadata
 import os
 import platform
 import re
@@ -29,6 +28,10 @@ LIBFUSE = "libfuse3.so.3"
 
 
 def package_version(name: str) -> str:
+    # Imported here: importlib.metadata is 90 ms of every dmfs command's start
+    # in the test guest, and only --version needs it.
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -37,6 +40,8 @@ def package_version(name: str) -> str:
 
 def libfuse_version() -> str:
     """The version of the libfuse 3 library the dynamic linker finds (pyfuse3's)."""
+    import ctypes
+
     try:
         library = ctypes.CDLL(LIBFUSE)
         library.fuse_pkgversion.restype = ctypes.c_char_p
@@ -55,6 +60,16 @@ def pyfuse3_caches_symlinks() -> bool | None:
     return getattr(pyfuse3.Operations, "enable_cache_symlinks", None) is not None
 
 
+def pyfuse3_caches_listings() -> bool | None:
+    """Whether this pyfuse3's opendir can ask the kernel to cache listings (a
+    patched build has ``FileInfo.cache_readdir``); None when pyfuse3 is missing."""
+    try:
+        import pyfuse3
+    except ImportError:
+        return None
+    return hasattr(pyfuse3.FileInfo(), "cache_readdir")
+
+
 def kernel_release(release: str | None = None) -> tuple[str, tuple[int, int] | None]:
     """The running kernel's release string and its (major, minor), if readable."""
     release = release or platform.release()
@@ -62,8 +77,9 @@ def kernel_release(release: str | None = None) -> tuple[str, tuple[int, int] | N
     return release, (int(match[1]), int(match[2])) if match else None
 
 
-def symlink_caching(pyfuse3_can: bool | None, kernel: tuple[int, int] | None) -> str:
-    """One phrase: is FUSE symlink caching in use, and if not, what is missing."""
+def kernel_caching(pyfuse3_can: bool | None, kernel: tuple[int, int] | None) -> str:
+    """One phrase: is a FUSE cache of the kernel's (symlink targets, listings:
+    both since Linux 4.20) in use, and if not, what is missing."""
     if kernel is not None and kernel < CACHE_SYMLINKS_KERNEL:
         return "not available (needs Linux 4.20 or later)"
     if pyfuse3_can is None:
@@ -83,7 +99,9 @@ def version_report() -> str:
         ("pyudev", package_version("pyudev")),
         ("kernel", release),
         ("features", "FUSE symlink caching (FUSE_CAP_CACHE_SYMLINKS) "
-                     + symlink_caching(pyfuse3_caches_symlinks(), kernel)),
+                     + kernel_caching(pyfuse3_caches_symlinks(), kernel)
+                     + "; FUSE listing caching (FOPEN_CACHE_DIR) "
+                     + kernel_caching(pyfuse3_caches_listings(), kernel)),
     ]
     return "\n".join([f"dmfs {__version__}", *(f"  {name:<9} {value}" for name, value in rows)])
 

@@ -16,7 +16,7 @@ import pytest
 from dmfs import __version__
 from dmfs.cli import build_parser, main
 from dmfs.cli.common import setup_logging
-from dmfs.cli.version_info import kernel_release, symlink_caching
+from dmfs.cli.version_info import kernel_caching, kernel_release
 
 
 def test_version_names_the_libraries_and_kernel_features(
@@ -31,6 +31,7 @@ def test_version_names_the_libraries_and_kernel_features(
     assert rows["libfuse"].startswith("3.")
     assert rows["kernel"] == platform.release()
     assert rows["features"].startswith("FUSE symlink caching (FUSE_CAP_CACHE_SYMLINKS) ")
+    assert "; FUSE listing caching (FOPEN_CACHE_DIR) " in rows["features"]
 
 
 @pytest.mark.parametrize(("pyfuse3_can", "kernel", "phrase"), [
@@ -39,9 +40,9 @@ def test_version_names_the_libraries_and_kernel_features(
     (True, (4, 19), "not available (needs Linux 4.20 or later)"),
     (None, None, "unknown (pyfuse3 cannot be imported)"),
 ])
-def test_symlink_caching_phrase(pyfuse3_can: bool | None, kernel: tuple[int, int] | None,
+def test_kernel_caching_phrase(pyfuse3_can: bool | None, kernel: tuple[int, int] | None,
                                 phrase: str) -> None:
-    assert symlink_caching(pyfuse3_can, kernel) == phrase
+    assert kernel_caching(pyfuse3_can, kernel) == phrase
     assert kernel_release("4.19.0-21-amd64")[1] == (4, 19)
 
 
