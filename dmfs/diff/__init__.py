@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING
 
 from dmfs.diff import ext4
 from dmfs.diff.changes import Change, Kind, Summary
-from dmfs.diff.compare import Evidence, Ext4Evidence, Result, StatEvidence, compare_sides
+from dmfs.diff.compare import Result, compare_sides
+from dmfs.diff.evidence import Evidence, Ext4Evidence, StatEvidence
 from dmfs.diff.tree import DiffError, EmptySide, Side
 from dmfs.pool import PoolError, device_node
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from dmfs.cli import main
-from dmfs.diff import compare, ext4, lineage
+from dmfs.diff import evidence, ext4, lineage
 from dmfs.pool import blockdev, fs, thinpool
 from tests.support.diffmodel import (
     FsModel,
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.no_udev_only
 SEED = int(os.environ.get("DMFS_DIFF_SEED", random.randrange(2**32)))
 OPERATIONS_PER_LAYER = int(os.environ.get("DMFS_DIFF_OPERATIONS", "60"))  # more: a longer run
 
-DEFAULT_DELTA_COST_S = compare.DELTA_COST_S
+DEFAULT_DELTA_COST_S = evidence.DELTA_COST_S
 DEFAULT_RACY_MARGIN_NS = lineage.RACY_MARGIN_NS
 
 #: the ways of comparing: command-line options, cost of a thin delta, racy margin
@@ -67,7 +67,7 @@ class Diff:
     def way(self, name: str) -> None:
         options, delta_cost, margin = WAYS[name]
         self.options = options
-        self.monkeypatch.setattr(compare, "DELTA_COST_S",
+        self.monkeypatch.setattr(evidence, "DELTA_COST_S",
                                  DEFAULT_DELTA_COST_S if delta_cost is None else delta_cost)
         self.monkeypatch.setattr(lineage, "RACY_MARGIN_NS",
                                  DEFAULT_RACY_MARGIN_NS if margin is None else margin)
@@ -313,7 +313,7 @@ def test_contents_proved_equal_by_shared_blocks(shared: tuple[LoopPool, MountedT
     assert method["thin_delta"] and method["contents_proved_equal_by_blocks"] == 1
     assert method["files_read"] == 0
     diff.way("ext4")
-    diff.monkeypatch.setattr(compare, "DELTA_COST_S", float("inf"))
+    diff.monkeypatch.setattr(evidence, "DELTA_COST_S", float("inf"))
     method = diff.json(m / "big", m / "big/chmod")["method"]
     assert not method["thin_delta"] and method["files_read"] == 2
     assert method["bytes_read"] == 2 * (4 << 20)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dmfs.diff import ext4
-from dmfs.diff.compare import Ext4Evidence, Verdict
+from dmfs.diff.evidence import Ext4Evidence, Verdict
 from dmfs.pool.thindelta import BlockDelta
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None
