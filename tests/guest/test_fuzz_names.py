@@ -232,6 +232,10 @@ class Model:
             return only(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             return only(errno.E2BIG)
+        if not name.startswith(b"user."):
+            # The tree has no other namespace, and says so (ENOTSUP) to the
+            # getxattr with which pyfuse3 checks XATTR_CREATE/XATTR_REPLACE too.
+            return only(errno.ENOTSUP)
         exists = self.attribute_exists(target, name)
         if flags & XATTR_CREATE and exists:
             return only(errno.EEXIST)
