@@ -1,12 +1,14 @@
 """Inode numbers for the tree, with the kernel's lookup counts.
 
-Fixed inodes serve the root and ``.dmfs``.  A snapshot's node, its ``fs`` link
-and its ``by-name`` link get numbers from a counter the first time the kernel
-sees them, keyed by the snapshot's identity: its thin device id and creation
-time, which a commit or a rename keep (so the kernel's cached dentry simply
-moves) and which a removed-and-recreated key does not reuse.  Numbers are never
-reused within a mount; an entry is dropped once the kernel forgot it and its
-snapshot is gone.
+Fixed inodes serve the root and ``.dmfs``.  A snapshot's node, its ``fs`` link,
+its ``by-name`` link and its ``containerd`` link get numbers from a counter the
+first time the kernel sees them, keyed by the snapshot's identity: its thin
+device id and creation time, which a commit or a rename keep (so the kernel's
+cached dentry simply moves) and which a removed-and-recreated key does not
+reuse.  Numbers are never reused within a mount; an entry is dropped once the
+kernel forgot it and its snapshot is gone.  The directories of containerd's
+namespaces (``.dmfs/containerd/<namespace>``) get numbers from the same counter,
+by name; they are few (one per namespace ever seen) and kept for the mount's life.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ CONTROL_DIR = ROOT + 1
 POOL_FILE = ROOT + 2
 SNAPSHOTS_FILE = ROOT + 3
 BY_NAME_DIR = ROOT + 4
+CONTAINERD_DIR = ROOT + 5
 FIRST_DYNAMIC = ROOT + 15
 
 #: names inside .dmfs
 CONTROL_ENTRIES = {b"pool": POOL_FILE, b"snapshots.json": SNAPSHOTS_FILE,
-                   b"by-name": BY_NAME_DIR}
+                   b"by-name": BY_NAME_DIR, b"containerd": CONTAINERD_DIR}
+#: the directories under .dmfs (the others are files)
+CONTROL_DIRS = (CONTROL_DIR, BY_NAME_DIR, CONTAINERD_DIR)
 
 
 class EntryRole(Enum):
     NODE = "node"  # M/.../<name>/
     FS_LINK = "fs"  # M/.../<name>/fs
     BY_NAME = "by-name"  # M/.dmfs/by-name/<name>
+    CONTAINERD = "containerd"  # M/.dmfs/containerd/<namespace>/<name>
 
 
 #: what stays the same for a snapshot through commit and rename
@@ -53,6 +59,8 @@ class InodeTable:
         self._next = FIRST_DYNAMIC
         self._by_inode: dict[int, Entry] = {}
         self._by_identity: dict[tuple[EntryRole, Identity], Entry] = {}
+        self._namespace_dirs: dict[str, int] = {}
+        self._namespace_names: dict[int, str] = {}
 
     def inode(self, role: EntryRole, identity: Identity) -> int:
         """The inode of a snapshot's node or link (allocated on first use)."""
@@ -63,6 +71,19 @@ class InodeTable:
             self._by_inode[entry.inode] = entry
             self._by_identity[(role, identity)] = entry
         return entry.inode
+
+    def namespace_dir(self, namespace: str) -> int:
+        """The inode of containerd namespace ``namespace``'s directory."""
+        inode = self._namespace_dirs.get(namespace)
+        if inode is None:
+            inode = self._namespace_dirs[namespace] = self._next
+            self._namespace_names[inode] = namespace
+            self._next += 1
+        return inode
+
+    def namespace_of(self, inode: int) -> str | None:
+        """The containerd namespace whose directory ``inode`` is, if it is one."""
+        return self._namespace_names.get(inode)
 
     def get(self, inode: int) -> Entry | None:
         return self._by_inode.get(inode)

@@ -16,7 +16,8 @@ from datetime import datetime
 import pyfuse3
 
 from dmfs.fuse import inodes
-from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole, InodeTable
+from dmfs.fuse.containerd import ContainerdIndex
+from dmfs.fuse.inodes import CONTROL_DIRS, CONTROL_ENTRIES, EntryRole, InodeTable
 from dmfs.fuse.names import BadName, decode_entry, display, encode_key
 from dmfs.pool import Info, Kind, Snapshotter
 
@@ -41,11 +42,13 @@ class Namespace:
         self.engine = engine
         self.admin_gid = admin_gid
         self.inodes = InodeTable()
+        self.containerd = ContainerdIndex(engine)
         self._started_ns = time.time_ns()  # the times of the root and .dmfs
 
     # ------------------------------------------------------------------ resolving
     def snapshot(self, inode: int) -> tuple[EntryRole, Info] | None:
-        """The snapshot entry (node, fs link, by-name link) an inode stands for."""
+        """The snapshot entry (node, fs link, by-name or containerd link) an inode
+        stands for."""
         entry = self.inodes.get(inode)
         if entry is None:
             return None
@@ -74,6 +77,15 @@ class Namespace:
         if parent_inode == inodes.BY_NAME_DIR:
             info = self.info_by_name(name)
             return self.inodes.inode(EntryRole.BY_NAME, info.identity) if info else None
+        if parent_inode == inodes.CONTAINERD_DIR:
+            namespace = name.decode("ascii", errors="replace")
+            return (self.inodes.namespace_dir(namespace)
+                    if self.containerd.has_namespace(namespace) else None)
+        namespace = self.inodes.namespace_of(parent_inode)
+        if namespace is not None:
+            key = self.containerd.key(namespace, name)
+            info = self.engine.get(key) if key is not None else None
+            return self.inodes.inode(EntryRole.CONTAINERD, info.identity) if info else None
         if parent_inode == inodes.ROOT:
             if name == CONTROL:
                 return inodes.CONTROL_DIR
@@ -98,13 +110,37 @@ class Namespace:
                 for info in self.engine.children(parent_key)
                 if parent_key is None or encode_key(info.key).encode() != FS]
 
+    def containerd_entries(self, inode: int) -> list[tuple[bytes, int]] | None:
+        """The entries of ``.dmfs/containerd`` or of one of its namespaces as
+        (name, inode); None when ``inode`` is neither."""
+        if inode == inodes.CONTAINERD_DIR:
+            return [(namespace.encode(), self.inodes.namespace_dir(namespace))
+                    for namespace in self.containerd.namespaces()]
+        namespace = self.inodes.namespace_of(inode)
+        if namespace is None:
+            return None
+        entries = []
+        for entry, key in self.containerd.entries(namespace):
+            info = self.engine.get(key)
+            if info is not None:
+                entries.append((entry, self.inodes.inode(EntryRole.CONTAINERD, info.identity)))
+        return entries
+
+    def is_control_dir(self, inode: int) -> bool:
+        """Whether ``inode`` is a directory of ``.dmfs`` (read-only, no snapshot)."""
+        return inode in CONTROL_DIRS or self.inodes.namespace_of(inode) is not None
+
     def path(self, inode: int, name: bytes | None = None) -> str:
         """The path in the tree, for log lines."""
         parts: list[str] = []
         if name is not None:
             parts.append(display(name))
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
-            parts.append(".dmfs" if inode == inodes.CONTROL_DIR else ".dmfs/by-name")
+        namespace = self.inodes.namespace_of(inode)
+        if inode in CONTROL_DIRS:
+            parts.append({inodes.CONTROL_DIR: ".dmfs", inodes.BY_NAME_DIR: ".dmfs/by-name",
+                          inodes.CONTAINERD_DIR: ".dmfs/containerd"}[inode])
+        elif namespace is not None:
+            parts.append(f".dmfs/containerd/{namespace}")
         elif inode != inodes.ROOT:
             found = self.snapshot(inode)
             if found:
@@ -152,14 +188,30 @@ class Namespace:
     def by_name_target(self, info: Info) -> bytes:
         return os.fsencode("../../" + "/".join(reversed(self.node_path(info))))
 
+    def link_target(self, role: EntryRole, info: Info) -> bytes:
+        """Where a link to a snapshot points (``fs``: its files; the others: its
+        node, relative to the directory of the link)."""
+        if role is EntryRole.FS_LINK:
+            return self.fs_target(info)
+        if role is EntryRole.BY_NAME:
+            return self.by_name_target(info)
+        return os.fsencode("../../../" + "/".join(reversed(self.node_path(info))))
+
     def fixed_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """The attributes of the root and the .dmfs directories (None: not one)."""
         if inode == inodes.ROOT:
             return self.attrs(inode, stat.S_IFDIR | 0o755,
                               nlink=3 + self.engine.child_count(None))
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
+        if inode == inodes.CONTROL_DIR:
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=4, timeout=0)
+        if inode == inodes.BY_NAME_DIR:
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=2, timeout=0)
+        if inode == inodes.CONTAINERD_DIR:
             return self.attrs(inode, stat.S_IFDIR | 0o555,
-                              nlink=3 if inode == inodes.CONTROL_DIR else 2, timeout=0)
+                              nlink=2 + len(self.containerd.namespaces()), timeout=0)
+        namespace = self.inodes.namespace_of(inode)
+        if namespace is not None and self.containerd.has_namespace(namespace):
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=2, timeout=0)
         return None
 
     def snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
@@ -170,7 +222,7 @@ class Namespace:
         role, info = found
         if role is EntryRole.NODE:
             return self.node_attrs(info)
-        target = self.fs_target(info) if role is EntryRole.FS_LINK else self.by_name_target(info)
+        target = self.link_target(role, info)
         timeout = NODE_TIMEOUT if role is EntryRole.FS_LINK else 0
         return self.attrs(inode, stat.S_IFLNK | 0o777, size=len(target), timeout=timeout,
                           times=(info.created, info.updated))

@@ -150,6 +150,8 @@ class DmfsOperations(pyfuse3.Operations):
             entries = [(os.fsencode(encode_key(info.key)),
                         self.inodes.inode(EntryRole.BY_NAME, info.identity))
                        for info in await self.engine.walk()]
+        elif (containerd := self.ns.containerd_entries(inode)) is not None:
+            entries = containerd
         else:
             node = self.ns.node(inode)
             if node is None:
@@ -185,8 +187,8 @@ class DmfsOperations(pyfuse3.Operations):
         if found is None or found[0] is EntryRole.NODE:
             raise pyfuse3.FUSEError(errno.EINVAL if found else errno.ENOENT)
         role, info = found
-        if role is EntryRole.BY_NAME:
-            return self.ns.by_name_target(info)
+        if role is not EntryRole.FS_LINK:
+            return self.ns.link_target(role, info)
         try:
             return os.fsencode(await self.engine.mountpoint(info.key))
         except SnapshotError as error:
@@ -393,8 +395,8 @@ class DmfsOperations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if not mode & os.W_OK:
             return True
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR, inodes.POOL_FILE,
-                     inodes.SNAPSHOTS_FILE):
+        if self.ns.is_control_dir(inode) or inode in (inodes.POOL_FILE,
+                                                      inodes.SNAPSHOTS_FILE):
             return False
         return is_admin(ctx, self.admin_gid)
 

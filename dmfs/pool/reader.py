@@ -50,6 +50,12 @@ class SnapshotReader:
     def mount_dir(self) -> Path:
         return self.mounts.directory
 
+    @property
+    def state_version(self) -> int:
+        """A number that changes whenever a snapshot or device does, so that a
+        front end can keep what it derives from the state until it changes."""
+        return self.meta.version
+
     def _get(self, key: str) -> Snapshot:
         try:
             return self.meta.snapshots[key]

@@ -1,0 +1,136 @@
+"""``.dmfs/containerd``: containerd's keys parsed, indexed and resolved against a
+fake engine, without a kernel."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from dmfs.fuse import inodes
+from dmfs.fuse.containerd import ContainerdName, containerd_name
+from dmfs.fuse.inodes import EntryRole
+from dmfs.fuse.namespace import Namespace
+from dmfs.pool import Info, Kind
+from tests.unit.test_view import FakeEngine, info
+
+CHAIN1 = "sha256:" + "1" * 64
+CHAIN2 = "sha256:" + "2" * 64
+
+
+class VersionedEngine(FakeEngine):
+    """The fake engine with the state version the index keys its cache on."""
+
+    def __init__(self, *infos: Info) -> None:
+        super().__init__(*infos)
+        self.state_version = 0
+        self.reads = 0
+
+    def children(self, key: str | None) -> list[Info]:
+        self.reads += 1
+        return super().children(key)
+
+    def add(self, snapshot: Info) -> None:
+        self.infos[snapshot.key] = snapshot
+        self.state_version += 1
+
+    def drop(self, key: str) -> None:
+        del self.infos[key]
+        self.state_version += 1
+
+
+def containerd_pool() -> VersionedEngine:
+    """Two layers and a container of namespace default, one layer of k8s.io, a
+    snapshot made in the tree."""
+    return VersionedEngine(
+        info(f"default/4/{CHAIN1}", 2),
+        info(f"default/6/{CHAIN2}", 3, parent=f"default/4/{CHAIN1}"),
+        info("default/9/web", 4, Kind.ACTIVE, parent=f"default/6/{CHAIN2}"),
+        info(f"k8s.io/2/{CHAIN1}", 5),
+        info("base", 6))
+
+
+def test_containerd_keys_are_namespace_sequence_and_name() -> None:
+    assert containerd_name(f"default/12/{CHAIN1}") == ContainerdName("default", 12, CHAIN1)
+    assert containerd_name(f"default/15/extract-1-2 {CHAIN1}") == ContainerdName(
+        "default", 15, f"extract-1-2 {CHAIN1}")
+    # containerd's own keys may hold '/' after the sequence number
+    assert containerd_name("k8s.io/3/a/b") == ContainerdName("k8s.io", 3, "a/b")
+    for key in ("base", "default/x/name", "default/3/", "/3/name", "de..fault/3/x",
+                "-x/3/y", "default//3/x", "a" * 77 + "/3/x"):
+        assert containerd_name(key) is None, key
+
+
+def test_namespaces_and_names_resolve_to_their_nodes() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    assert ns.child_inode(inodes.CONTROL_DIR, b"containerd") == inodes.CONTAINERD_DIR
+    assert [name for name, _ in ns.containerd_entries(inodes.CONTAINERD_DIR)] == [
+        b"default", b"k8s.io"]
+    default = ns.child_inode(inodes.CONTAINERD_DIR, b"default")
+    assert default is not None and ns.inodes.namespace_of(default) == "default"
+    assert ns.child_inode(inodes.CONTAINERD_DIR, b"base") is None
+    assert ns.child_inode(inodes.CONTAINERD_DIR, b"\xff") is None
+    entries = ns.containerd_entries(default)
+    assert [name for name, _ in entries] == [CHAIN1.encode(), CHAIN2.encode(), b"web"]
+    web = ns.child_inode(default, b"web")
+    assert web == dict(entries)[b"web"]
+    assert ns.snapshot(web) == (EntryRole.CONTAINERD, engine.infos["default/9/web"])
+    target = os.fsencode(f"../../../default%2F4%2F{CHAIN1}/default%2F6%2F{CHAIN2}/"
+                         "default%2F9%2Fweb")
+    assert ns.link_target(EntryRole.CONTAINERD, engine.infos["default/9/web"]) == target
+    attrs = ns.snapshot_attrs(web)
+    assert stat.S_ISLNK(attrs.st_mode) and attrs.st_size == len(target)
+    assert attrs.entry_timeout == 0  # it changes behind the kernel's back
+    assert ns.child_inode(default, b"base") is None and ns.child_inode(default, b"nope") is None
+    assert ns.path(default, b"web") == "/.dmfs/containerd/default/web"
+    assert ns.is_control_dir(default) and ns.is_control_dir(inodes.CONTAINERD_DIR)
+    assert not ns.is_control_dir(ns.child_inode(inodes.ROOT, b"base"))  # type: ignore[arg-type]
+
+
+def test_directory_attributes_count_namespaces() -> None:
+    ns = Namespace(containerd_pool(), admin_gid=None)  # type: ignore[arg-type]
+    top = ns.fixed_attrs(inodes.CONTAINERD_DIR)
+    assert stat.S_ISDIR(top.st_mode) and stat.S_IMODE(top.st_mode) == 0o555
+    assert top.st_nlink == 4  # ., .., default, k8s.io
+    assert ns.fixed_attrs(inodes.CONTROL_DIR).st_nlink == 4  # ., .., by-name, containerd
+    default = ns.child_inode(inodes.CONTAINERD_DIR, b"default")
+    assert ns.fixed_attrs(default).st_nlink == 2  # type: ignore[arg-type]
+
+
+def test_the_newest_sequence_wins_and_gone_namespaces_go() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    k8s = ns.child_inode(inodes.CONTAINERD_DIR, b"k8s.io")
+    # containerd removed "web" from its database and made a new one; the old
+    # snapshot waits for containerd's garbage collector
+    engine.add(info("default/11/web", 7, Kind.ACTIVE, parent=f"default/6/{CHAIN2}"))
+    default = ns.child_inode(inodes.CONTAINERD_DIR, b"default")
+    web = ns.child_inode(default, b"web")  # type: ignore[arg-type]
+    assert ns.snapshot(web)[1].key == "default/11/web"  # type: ignore[arg-type,index]
+    engine.drop(f"k8s.io/2/{CHAIN1}")
+    assert ns.child_inode(inodes.CONTAINERD_DIR, b"k8s.io") is None
+    assert ns.fixed_attrs(k8s) is None  # type: ignore[arg-type]
+    assert [name for name, _ in ns.containerd_entries(inodes.CONTAINERD_DIR)] == [b"default"]
+
+
+def test_the_index_is_rebuilt_only_when_the_state_changed() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    default = ns.child_inode(inodes.CONTAINERD_DIR, b"default")
+    reads = engine.reads
+    for _ in range(3):
+        assert ns.child_inode(default, b"web") is not None  # type: ignore[arg-type]
+    assert engine.reads == reads
+    engine.add(info("default/12/new", 8, Kind.ACTIVE))
+    assert ns.child_inode(default, b"new") is not None  # type: ignore[arg-type]
+    assert engine.reads > reads
+
+
+def test_names_are_encoded_as_in_the_tree_and_too_long_ones_left_out() -> None:
+    engine = VersionedEngine(info("default/3/a/b", 2), info("default/4/.hidden", 3),
+                             info("default/5/" + "x" * 300, 4))
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    default = ns.child_inode(inodes.CONTAINERD_DIR, b"default")
+    assert [name for name, _ in ns.containerd_entries(default)] == [  # type: ignore[arg-type]
+        b"%2Ehidden", b"a%2Fb"]
+    assert ns.child_inode(default, b"a%2Fb") is not None  # type: ignore[arg-type]
