@@ -20,7 +20,7 @@ from dmfs.config import Config
 from dmfs.pool.devices import DeviceTable
 from dmfs.pool.dm import DmError
 from dmfs.pool.errors import NotFound, translated
-from dmfs.pool.filters import compile_filters
+from dmfs.pool.filters import compile_filters, snapshot_fields
 from dmfs.pool.info import Info, Usage
 from dmfs.pool.metadata import Device, DeviceState, Kind, Metadata, Snapshot
 from dmfs.pool.mounts import MountTable
@@ -118,14 +118,13 @@ class SnapshotReader:
         return (await self.summary()).flat()
 
     async def walk(self, *filters: str) -> list[Info]:
-        """containerd Walk: every snapshot matching any filter (all without one)."""
+        """containerd Walk: every snapshot matching any filter (all without one), by
+        key; InvalidArgument for a filter that does not parse (:mod:`dmfs.pool.filters`)."""
         matches = compile_filters(filters)
         found = []
         for snapshot in sorted(self.meta.snapshots.values(), key=lambda s: s.key):
-            fields: dict[str, str | None] = {"name": snapshot.key, "kind": snapshot.kind.value,
-                                             "parent": snapshot.parent}
-            fields.update({f"labels.{k}": v for k, v in snapshot.labels.items()})
-            if matches(fields):
+            if matches(snapshot_fields(snapshot.key, snapshot.kind.value, snapshot.parent,
+                                       snapshot.labels)):
                 found.append(self._info(snapshot))
         return found
 
