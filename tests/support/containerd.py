@@ -30,7 +30,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.tree import wait_until
+from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.tree import MountedTree, wait_until, write_config
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -169,12 +170,7 @@ class Containerd:
             raise
 
     def _serving(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(self.address))
-            except OSError:
-                return False
-        return True
+        return socket_answers(self.address)
 
     def stop(self) -> None:
         """Remove every task and container, stop the daemon, then end whatever
@@ -261,12 +257,63 @@ class Containerd:
             return "(no log)"
 
 
+@dataclass
+class Stack:
+    """dmfs serving a pool (tree and socket) and a containerd using it as ``dmfs``."""
+
+    pool: LoopPool
+    tree: MountedTree
+    socket: Path
+    containerd: Containerd
+    image: Image
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.containerd.ctr(*args, check=check)
+
+    def restart_dmfs(self) -> None:
+        """Start the tree's daemon again (after a stop or a kill) and wait for
+        its socket, as a service manager would."""
+        self.tree.mount()
+        wait_until(lambda: socket_answers(self.socket), 30, "dmfs's socket")
+
+
+def socket_answers(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts connections now."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def dmfs_socket(workdir: Path) -> Path:
+    """Where the stack's dmfs serves containerd: in a directory dmfs makes itself
+    (mode 0750; it refuses to serve from one that every user may enter)."""
+    return workdir / "grpc" / "snapshots.sock"
+
+
 @contextlib.contextmanager
-def running_containerd(workdir: Path, **settings: object) -> Iterator[Containerd]:
-    """A started :class:`Containerd`, stopped and cleaned up on exit."""
-    daemon = Containerd(workdir, **settings)  # type: ignore[arg-type]
-    with daemon:
-        yield daemon
+def containerd_stack(workdir: Path, *, layers: int = 2, **dmfs_settings: object
+                     ) -> Iterator[Stack]:
+    """A fresh pool, dmfs mounted on it with ``grpc_address`` set, containerd
+    with the proxy plugin ``dmfs`` pointing there, and the test image; all torn
+    down on exit in reverse order (containerd first: it holds dmfs's devices
+    mounted while its containers run)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = build_image(workdir / "image", layers=layers)
+    address = dmfs_socket(workdir)
+    with loop_pool(workdir, data_mib=1024) as pool:
+        config = write_config(workdir, pool.name, grpc_address=str(address), **dmfs_settings)
+        tree = MountedTree(config, workdir / "mnt", workdir / "run")
+        try:
+            tree.mount()
+            wait_until(lambda: socket_answers(address), 30, "dmfs's socket")
+            with Containerd(workdir / "containerd", proxies={DMFS_SNAPSHOTTER: address}
+                            ) as daemon:
+                yield Stack(pool, tree, address, daemon, image)
+        finally:
+            tree.cleanup()
 
 
 # ---------------------------------------------------------------------- the image
