@@ -210,8 +210,6 @@ class Snapshotter(SnapshotReader):
             raise PoolError("the base device is missing (restart dmfs to recreate it)")
         return base
 
-
-
     # ================================================================ file access
     @translated("mount")
     async def mountpoint(self, key: str) -> Path:
@@ -241,7 +239,6 @@ class Snapshotter(SnapshotReader):
             read_only = snapshot.kind is not Kind.ACTIVE
             mount = await self.store.run(self.steps.make_available, device, read_only)
             return mount.path
-
 
     @translated("mounts")
     async def block_device(self, key: str) -> BlockDevice:
@@ -301,7 +298,6 @@ class Snapshotter(SnapshotReader):
                 log.warning("cannot unmount idle snapshot device %d: %s", device_id, error)
                 return False
 
-
     async def expire_idle(self) -> int:
         """Unmount every read-only snapshot not in use now; returns how many."""
         count = 0
@@ -342,7 +338,6 @@ class Snapshotter(SnapshotReader):
             await self.store.compact()
             return self._info(self._get(name))
 
-
     async def _undo_commit(self, snapshot: Snapshot) -> None:
         """Put an interrupted commit back: live, mounted read-write, not pending."""
         device = self.devices.get(snapshot.device_id)
@@ -354,7 +349,6 @@ class Snapshotter(SnapshotReader):
         except (SnapshotError, OSError) as error:
             log.error("putting snapshot %r back after a failed commit failed (the next "
                       "start will): %s", snapshot.key, error)
-
 
     @translated("rename")
     async def rename(self, key: str, new_key: str) -> Info:
@@ -421,7 +415,6 @@ class Snapshotter(SnapshotReader):
         else:
             await self._finish_removal(device_id, live)
 
-
     def _start_removal(self) -> None:
         self._background_removals += 1
         self._removals_idle = trio.Event()
@@ -443,7 +436,6 @@ class Snapshotter(SnapshotReader):
                 self._removals_idle.set()
             with contextlib.suppress(SnapshotError):
                 await self.store.compact()
-
 
     async def wait_removals(self) -> None:
         """Wait until every background (async_remove) deletion has finished."""
