@@ -50,6 +50,10 @@ class Entry:
     role: EntryRole
     identity: Identity
     lookups: int = 0
+    #: where the kernel last learnt a node's entry: (parent inode, name)
+    known_as: tuple[int, bytes] | None = None
+    #: the node's attributes as last reported (see dmfs.fuse.coherence)
+    reported: tuple[int, int, int] | None = None
 
 
 class InodeTable:
@@ -87,6 +91,15 @@ class InodeTable:
 
     def get(self, inode: int) -> Entry | None:
         return self._by_inode.get(inode)
+
+    def entries(self, role: EntryRole) -> list[Entry]:
+        return [entry for entry in self._by_inode.values() if entry.role is role]
+
+    def known_as(self, inode: int, parent_inode: int, name: bytes) -> None:
+        """The kernel now has ``inode`` as entry ``name`` of ``parent_inode``."""
+        entry = self._by_inode.get(inode)
+        if entry is not None:
+            entry.known_as = (parent_inode, name)
 
     def looked_up(self, inode: int) -> None:
         """The kernel now holds one more reference (lookup, mkdir, readdirplus)."""

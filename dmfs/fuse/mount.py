@@ -68,6 +68,7 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
             log.info("serving thin pool %s at %s", config.pool_name, mountpoint)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signals, on_stopping)
+                nursery.start_soon(operations.follow_engine)
                 on_ready()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

@@ -43,6 +43,8 @@ class Namespace:
         self.admin_gid = admin_gid
         self.inodes = InodeTable()
         self.containerd = ContainerdIndex(engine)
+        #: the root's link count as last reported (dmfs.fuse.coherence)
+        self.root_reported: int | None = None
         self._started_ns = time.time_ns()  # the times of the root and .dmfs
 
     # ------------------------------------------------------------------ resolving
@@ -176,11 +178,24 @@ class Namespace:
         attrs.st_ctime_ns = attrs.st_mtime_ns = attrs.st_atime_ns = stamp
         return attrs
 
-    def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
+    def node_values(self, info: Info) -> tuple[int, int, int]:
+        """What a node's attributes say that can change: mode, link count, mtime."""
         permissions = 0o755 if info.kind is Kind.ACTIVE else 0o555
-        return self.attrs(self.node_inode(info), stat.S_IFDIR | permissions,
-                          nlink=2 + self.engine.child_count(info.key),
-                          times=(info.created, info.updated))
+        return (stat.S_IFDIR | permissions, 2 + self.engine.child_count(info.key),
+                _ns(info.updated))
+
+    def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
+        """A node's attributes, as the kernel is told them (and remembered, so
+        that a change made elsewhere can be invalidated: dmfs.fuse.coherence)."""
+        inode = self.node_inode(info)
+        mode, nlink, _ = values = self.node_values(info)
+        entry = self.inodes.get(inode)
+        if entry is not None:
+            entry.reported = values
+        return self.attrs(inode, mode, nlink=nlink, times=(info.created, info.updated))
+
+    def root_links(self) -> int:
+        return 3 + self.engine.child_count(None)
 
     def fs_target(self, info: Info) -> bytes:
         return os.fsencode(self.engine.mount_path(info.device_id))
@@ -200,8 +215,8 @@ class Namespace:
     def fixed_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """The attributes of the root and the .dmfs directories (None: not one)."""
         if inode == inodes.ROOT:
-            return self.attrs(inode, stat.S_IFDIR | 0o755,
-                              nlink=3 + self.engine.child_count(None))
+            self.root_reported = self.root_links()
+            return self.attrs(inode, stat.S_IFDIR | 0o755, nlink=self.root_reported)
         if inode == inodes.CONTROL_DIR:
             return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=4, timeout=0)
         if inode == inodes.BY_NAME_DIR:

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import pyfuse3
 
-from dmfs.fuse import control, inodes, xattrs
+from dmfs.fuse import coherence, control, inodes, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe, refuse
 from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole
 from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display, encode_key
@@ -43,19 +43,29 @@ class DmfsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, engine: Snapshotter, admin_gid: int | None = None,
-                 on_change: Callable[[int], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None,
+                 on_entry_change: Callable[[int, bytes, int], None] | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.admin_gid = admin_gid
         self.ns = Namespace(engine, admin_gid)
         self.inodes = self.ns.inodes
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+        self._listings: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
         self._open_files: dict[int, bytes] = {}
         self._control_sizes: dict[int, int] = {}
         self._next_fh = 1
-        # How attribute changes reach the kernel; tests may replace it.
+        # How attribute and entry changes reach the kernel; tests may replace them.
+        # Attributes are invalidated on this thread: with attr_only the kernel
+        # only bumps the inode's attribute version and takes no lock that a
+        # request holds.  Entries are invalidated from pyfuse3's own thread: the
+        # kernel takes the directory's lock, which a request waiting for this
+        # very loop may hold (a mkdir in that directory), so a call here could
+        # deadlock the daemon.
         self._invalidate = on_change or (lambda inode: pyfuse3.invalidate_inode(
             inode, attr_only=True))
+        self._invalidate_entry = on_entry_change or (
+            lambda parent, name, deleted: pyfuse3.invalidate_entry_async(
+                parent, name, deleted=deleted, ignore_enoent=True))
 
     # ------------------------------------------------------------------ helpers
     def _refuse(self, code: int, operation: str, path: str, why: str) -> NoReturn:
@@ -128,6 +138,7 @@ class DmfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs = await self._getattr(inode)
         self.inodes.looked_up(inode)
+        self.inodes.known_as(inode, parent_inode, name)
         return attrs
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -161,12 +172,12 @@ class DmfsOperations(pyfuse3.Operations):
             entries = [(FS, fs_link), *self.ns.node_entries(node.key)]
         fh = self._next_fh
         self._next_fh += 1
-        self._listings[fh] = entries
+        self._listings[fh] = (inode, entries)
         return fh
 
     @failsafe
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._listings.get(fh, [])
+        directory, entries = self._listings.get(fh, (inodes.ROOT, []))
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
@@ -176,6 +187,7 @@ class DmfsOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
             self.inodes.looked_up(inode)
+            self.inodes.known_as(inode, directory, name)
 
     @failsafe
     async def releasedir(self, fh: int) -> None:
@@ -234,6 +246,7 @@ class DmfsOperations(pyfuse3.Operations):
                  info.device_id)
         attrs = self.ns.node_attrs(info)
         self.inodes.looked_up(attrs.st_ino)
+        self.inodes.known_as(attrs.st_ino, parent_inode, name)
         return attrs
 
     # ------------------------------------------------------------------ rename
@@ -268,6 +281,7 @@ class DmfsOperations(pyfuse3.Operations):
             self._engine_refusal(error, "rename", path)
         # Mode (commit) and times changed: the kernel would keep the old ones.
         self._invalidate(self.ns.node_inode(info))
+        self.inodes.known_as(self.ns.node_inode(info), parent_inode_new, name_new)
 
     # ------------------------------------------------------------------ rmdir
     @failsafe
@@ -389,6 +403,35 @@ class DmfsOperations(pyfuse3.Operations):
         except SnapshotError as error:
             self._engine_refusal(error, operation, path)
         self._invalidate(self.ns.node_inode(node))
+
+    # ------------------------------------------------------------------ the other front end
+    async def follow_engine(self) -> None:
+        """For the mount's life: after every change of the engine's state, by
+        whoever made it, invalidate what the kernel caches that is no longer so
+        (:mod:`dmfs.fuse.coherence`).  Never raises: a failure is logged and the
+        next change tries again."""
+        version = self.engine.state_version
+        while True:
+            version = await self.engine.changed(version)
+            try:
+                self.refresh_kernel_caches()
+            except Exception:
+                log.exception("unexpected error bringing the kernel's caches up to date "
+                              "(ignored)")
+
+    def refresh_kernel_caches(self) -> None:
+        found = coherence.stale(self.ns)
+        for parent, name, inode, removed in found.entries:
+            log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
+                      "removed" if removed else "renamed")
+            self._invalidate_entry(parent, name, inode if removed else 0)
+        for inode in found.attributes:
+            try:
+                self._invalidate(inode)
+            except OSError as error:  # the kernel forgot it meanwhile
+                log.debug("invalidating the attributes of inode %d: %s", inode, error)
+        for identity in found.gone:
+            self.inodes.snapshot_gone(identity)
 
     # ------------------------------------------------------------------ misc
     @failsafe

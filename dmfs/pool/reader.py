@@ -56,6 +56,13 @@ class SnapshotReader:
         front end can keep what it derives from the state until it changes."""
         return self.meta.version
 
+    async def changed(self, since: int) -> int:
+        """Wait until the state is no longer that of version ``since`` (whoever
+        changed it: the tree, the snapshots API, a background removal); the new
+        :attr:`state_version`.  For a front end that shows the state elsewhere
+        (the kernel's caches of the tree) and must follow the other one's changes."""
+        return await self.store.wait_change(since)
+
     def _get(self, key: str) -> Snapshot:
         try:
             return self.meta.snapshots[key]

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
 import tempfile
 import threading
@@ -208,6 +209,14 @@ def test_ctr_snapshot_commands_agree_with_native_and_the_tree(healthy: Stack) ->
     assert "s-base" in on_dmfs["tree"] and "\\_ s-child" in on_dmfs["tree"]
 
 
+def mount_as_containerd_would(ctr_output: str) -> list[str]:
+    """The mount(8) command for what ``ctr snapshots mounts TARGET KEY`` printed
+    (``mount -t TYPE SOURCE TARGET -o OPTIONS``, the options possibly empty)."""
+    words = ctr_output.split()
+    assert words[:2] == ["mount", "-t"] and words[5] == "-o", ctr_output
+    return words[:5] + (["-o", words[6]] if len(words) > 6 else [])
+
+
 @pytest.mark.no_udev_only
 def test_usage_is_the_trees_and_mounts_are_the_device(healthy: Stack, tmp_path: Path) -> None:
     """Usage in bytes is the tree's user.dmfs.usage; Mounts give the snapshot's
@@ -228,7 +237,7 @@ def test_usage_is_the_trees_and_mounts_are_the_device(healthy: Stack, tmp_path: 
     target.mkdir()
     command = snapshots.snapshots(DMFS_SNAPSHOTTER, "mounts", str(target), "u-work").stdout
     assert command.split()[:5] == ["mount", "-t", "ext4", device, str(target)]
-    subprocess.run(["sh", "-c", command], check=True)
+    subprocess.run(mount_as_containerd_would(command), check=True)
     try:
         (work / "fs" / "from-tree").write_text("one filesystem")
         assert (target / "from-tree").read_text() == "one filesystem"
@@ -242,7 +251,7 @@ def test_usage_is_the_trees_and_mounts_are_the_device(healthy: Stack, tmp_path: 
     command = snapshots.snapshots(DMFS_SNAPSHOTTER, "mounts", str(target), "u-look").stdout
     assert command.split()[:3] == ["mount", "-t", "ext4"]
     assert "ro" in command.split()[-1].split(","), command  # views are read-only
-    subprocess.run(["sh", "-c", command], check=True)
+    subprocess.run(mount_as_containerd_would(command), check=True)
     try:
         assert (target / "from-client").read_text() == "both ways"
         assert (node_of(stack, "u-look") / "fs" / "from-tree").exists()
@@ -251,6 +260,35 @@ def test_usage_is_the_trees_and_mounts_are_the_device(healthy: Stack, tmp_path: 
     snapshots.snapshots(DMFS_SNAPSHOTTER, "rm", "u-look")
     snapshots.snapshots(DMFS_SNAPSHOTTER, "rm", "u-base")
     gone_from_tree(stack, "u-base")
+
+
+@pytest.mark.no_udev_only
+def test_what_containerd_changes_reaches_the_kernels_cache_at_once(healthy: Stack) -> None:
+    """The kernel caches nodes for minutes; a commit or removal made through the
+    socket must not leave it showing the old name, mode or link count."""
+    stack = healthy
+    snapshots = stack.containerd
+    root_links = stack.tree.mountpoint.stat().st_nlink
+    snapshots.snapshots(DMFS_SNAPSHOTTER, "prepare", "c-work")
+    work = node_of(stack, "c-work")
+    assert stat.S_IMODE(work.stat().st_mode) == 0o755  # now in the kernel's cache
+    wait_until(lambda: stack.tree.mountpoint.stat().st_nlink == root_links + 1, 5,
+               "the root's new link count")
+    snapshots.snapshots(DMFS_SNAPSHOTTER, "commit", "c-base", "c-work")
+    wait_until(lambda: not work.exists(), 5, "the old name to leave the kernel's cache")
+    base = node_of(stack, "c-base")
+    assert stat.S_IMODE(base.stat().st_mode) == 0o555
+    snapshots.snapshots(DMFS_SNAPSHOTTER, "prepare", "c-child", "c-base")
+    wait_until(lambda: base.stat().st_nlink == 3, 5, "the parent's new link count")
+    child = node_of(stack, "c-child")
+    assert child.stat().st_nlink == 2
+    snapshots.snapshots(DMFS_SNAPSHOTTER, "rm", "c-child")
+    snapshots.snapshots(DMFS_SNAPSHOTTER, "rm", "c-base")
+    gone_from_tree(stack, "c-base")
+    wait_until(lambda: not base.exists() and not child.exists(), 5,
+               "the removed nodes to leave the kernel's cache")
+    wait_until(lambda: stack.tree.mountpoint.stat().st_nlink == root_links, 5,
+               "the root's link count")
 
 
 # ---------------------------------------------------------------------- images

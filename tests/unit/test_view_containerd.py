@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 
-from dmfs.fuse import inodes
+from dmfs.fuse import coherence, inodes
 from dmfs.fuse.containerd import ContainerdName, containerd_name
 from dmfs.fuse.inodes import EntryRole
 from dmfs.fuse.namespace import Namespace
@@ -134,3 +135,55 @@ def test_names_are_encoded_as_in_the_tree_and_too_long_ones_left_out() -> None:
     assert [name for name, _ in ns.containerd_entries(default)] == [  # type: ignore[arg-type]
         b"%2Ehidden", b"a%2Fb"]
     assert ns.child_inode(default, b"a%2Fb") is not None  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- the kernel's caches
+def held(ns: Namespace, parent: int, name: bytes) -> int:
+    """Look ``name`` up as the kernel does, and report its attributes."""
+    inode = ns.child_inode(parent, name)
+    assert inode is not None
+    ns.inodes.looked_up(inode)
+    ns.inodes.known_as(inode, parent, name)
+    ns.snapshot_attrs(inode)
+    return inode
+
+
+def test_changes_made_elsewhere_are_found_stale() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    ns.fixed_attrs(inodes.ROOT)
+    bottom_name = f"default%2F4%2F{CHAIN1}".encode()
+    bottom = held(ns, inodes.ROOT, bottom_name)
+    top = held(ns, bottom, f"default%2F6%2F{CHAIN2}".encode())
+    web = held(ns, top, b"default%2F9%2Fweb")
+    assert not coherence.stale(ns)  # nothing changed
+
+    # containerd commits web as default/10/app: same device, new name and mode
+    old = engine.infos["default/9/web"]
+    engine.drop(old.key)
+    engine.add(info("default/10/app", old.device_id, parent=old.parent))
+    engine.infos["default/10/app"] = replace(engine.infos["default/10/app"],
+                                            created=old.created)
+    found = coherence.stale(ns)
+    assert found.entries == [(top, b"default%2F9%2Fweb", web, False)]
+    assert found.attributes == [web]  # 0755 -> 0555
+    assert not coherence.stale(ns)  # each change is reported once
+
+    # containerd's collector removes the app, then the top layer
+    engine.drop("default/10/app")
+    found = coherence.stale(ns)
+    assert found.entries == [(top, b"default%2F10%2Fapp", web, True)]
+    assert found.attributes == [top]  # one link fewer
+    assert found.gone == [old.identity]
+    engine.drop(f"default/6/{CHAIN2}")
+    engine.add(info("other", 9))  # a new root node: the root's link count changes
+    found = coherence.stale(ns)
+    assert [entry[1] for entry in found.entries] == [f"default%2F6%2F{CHAIN2}".encode()]
+    assert set(found.attributes) == {bottom, inodes.ROOT}
+
+
+def test_what_the_kernel_never_saw_is_not_invalidated() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    engine.drop("base")
+    assert not coherence.stale(ns).entries and not coherence.stale(ns).attributes
