@@ -63,6 +63,8 @@ class InodeTable:
         self._next = FIRST_DYNAMIC
         self._by_inode: dict[int, Entry] = {}
         self._by_identity: dict[tuple[EntryRole, Identity], Entry] = {}
+        #: node entries by thin device id (an id reused after a removal: several)
+        self._nodes_by_device: dict[int, list[Entry]] = {}
         self._namespace_dirs: dict[str, int] = {}
         self._namespace_names: dict[int, str] = {}
 
@@ -74,7 +76,17 @@ class InodeTable:
             self._next += 1
             self._by_inode[entry.inode] = entry
             self._by_identity[(role, identity)] = entry
+            if role is EntryRole.NODE:
+                self._nodes_by_device.setdefault(identity[0], []).append(entry)
         return entry.inode
+
+    def node_entry(self, identity: Identity) -> Entry | None:
+        """A snapshot's node entry, if it has one (allocates none)."""
+        return self._by_identity.get((EntryRole.NODE, identity))
+
+    def nodes_on_device(self, device_id: int) -> list[Entry]:
+        """The node entries of the snapshots that had thin device ``device_id``."""
+        return self._nodes_by_device.get(device_id, [])
 
     def namespace_dir(self, namespace: str) -> int:
         """The inode of containerd namespace ``namespace``'s directory."""
@@ -127,6 +139,11 @@ class InodeTable:
     def _drop(self, entry: Entry) -> None:
         del self._by_inode[entry.inode]
         del self._by_identity[(entry.role, entry.identity)]
+        if entry.role is EntryRole.NODE:
+            same_device = self._nodes_by_device[entry.identity[0]]
+            same_device.remove(entry)
+            if not same_device:
+                del self._nodes_by_device[entry.identity[0]]
 
     def __len__(self) -> int:
         return len(self._by_inode)

@@ -412,15 +412,18 @@ class DmfsOperations(pyfuse3.Operations):
         next change tries again."""
         version = self.engine.state_version
         while True:
-            version = await self.engine.changed(version)
+            since, version = version, await self.engine.changed(version)
             try:
-                self.refresh_kernel_caches()
+                self.refresh_kernel_caches(self.engine.touched_since(since))
             except Exception:
                 log.exception("unexpected error bringing the kernel's caches up to date "
                               "(ignored)")
 
-    def refresh_kernel_caches(self) -> None:
-        found = coherence.stale(self.ns)
+    def refresh_kernel_caches(self, touched: tuple[set[int], set[str | None]] | None = None
+                              ) -> None:
+        """Invalidate what the kernel holds that a change of the nodes ``touched``
+        (the engine's ``touched_since``; None: any node) made stale."""
+        found = coherence.stale(self.ns, touched)
         for parent, name, inode, removed in found.entries:
             log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
                       "removed" if removed else "renamed")

@@ -187,3 +187,28 @@ def test_what_the_kernel_never_saw_is_not_invalidated() -> None:
     ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
     engine.drop("base")
     assert not coherence.stale(ns).entries and not coherence.stale(ns).attributes
+
+
+def test_only_what_the_engine_says_changed_is_compared() -> None:
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    ns.fixed_attrs(inodes.ROOT)
+    bottom_name = f"default%2F4%2F{CHAIN1}".encode()
+    bottom = held(ns, inodes.ROOT, bottom_name)
+    top = held(ns, bottom, f"default%2F6%2F{CHAIN2}".encode())
+    web = held(ns, top, b"default%2F9%2Fweb")
+    base = held(ns, inodes.ROOT, b"base")
+    engine.drop("default/9/web")
+    engine.drop("base")
+    # told only of web's device and its parent: base's removal waits for its own news
+    found = coherence.stale(ns, ({4}, {f"default/6/{CHAIN2}"}))
+    assert found.entries == [(top, b"default%2F9%2Fweb", web, True)]
+    assert found.attributes == [top]
+    found = coherence.stale(ns, ({6}, {None}))
+    assert found.entries == [(inodes.ROOT, b"base", base, True)]
+    assert found.attributes == [inodes.ROOT]
+    # a device id the kernel never saw, a parent gone meanwhile: nothing to do
+    assert not coherence.stale(ns, ({99}, {"gone"}))
+    # not knowing what changed compares everything (and finds it all done)
+    everything = coherence.stale(ns, None)
+    assert not everything.entries and not everything.attributes
