@@ -229,7 +229,7 @@ class DmfsOperations(pyfuse3.Operations):
         else:
             parent = self.ns.node(parent_inode)
             if parent is None:
-                self._refuse(errno.EPERM, "mkdir", path, "only nodes and the root hold snapshots")
+                self._refuse_parentless_mkdir(parent_inode, path)
             if parent.kind is not Kind.COMMITTED:
                 self._refuse(errno.EPERM, "mkdir", path,
                              f"the parent is {parent.kind.value}; only committed snapshots "
@@ -248,6 +248,15 @@ class DmfsOperations(pyfuse3.Operations):
         self.inodes.looked_up(attrs.st_ino)
         self.inodes.known_as(attrs.st_ino, parent_inode, name)
         return attrs
+
+    def _refuse_parentless_mkdir(self, parent_inode: int, path: str) -> NoReturn:
+        """mkdir in a directory that is no node: ENOENT in a node removed since the
+        kernel looked it up (by containerd, through the snapshots socket), as in
+        any removed directory; EPERM anywhere else."""
+        entry = self.inodes.get(parent_inode)
+        if entry is not None and entry.role is EntryRole.NODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self._refuse(errno.EPERM, "mkdir", path, "only nodes and the root hold snapshots")
 
     # ------------------------------------------------------------------ rename
     @failsafe

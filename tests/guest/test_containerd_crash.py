@@ -27,6 +27,7 @@ from tests.support.containerd import (
     DMFS_SNAPSHOTTER,
     NAMESPACE,
     Stack,
+    collect_garbage,
     containerd_stack,
     socket_answers,
 )
@@ -76,15 +77,6 @@ def orphans(stack: Stack) -> list[str]:
                   or int(key.split("/", 2)[1]) != newest[key.split("/", 2)[2]])
 
 
-def kick_garbage_collection(stack: Stack) -> None:
-    """What a user runs to make containerd collect dmfs now (README: With
-    containerd): any removal through containerd schedules it."""
-    stack.containerd.snapshots(DMFS_SNAPSHOTTER, "prepare", "gc-kick")
-    stack.containerd.snapshots(DMFS_SNAPSHOTTER, "rm", "gc-kick")
-    wait_until(lambda: not [s for s in read_snapshots(stack.tree)
-                            if s["name"].endswith("/gc-kick")], 30, "the collection")
-
-
 def after_the_crash(stack: Stack, interrupted: subprocess.CompletedProcess[str],
                     record: list[str]) -> None:
     """dmfs is dead: restart it, import again, collect, and check the pool."""
@@ -98,7 +90,7 @@ def after_the_crash(stack: Stack, interrupted: subprocess.CompletedProcess[str],
     assert again.returncode == 0, again.stderr
     left = orphans(stack)
     record.append(f"left behind in dmfs after the restart and a new import: {left}")
-    kick_garbage_collection(stack)
+    collect_garbage(stack)
     assert orphans(stack) == []
     # the image is whole: its layers are the only snapshots in the pool
     names = {s["name"].split("/", 2)[2] for s in read_snapshots(stack.tree)}

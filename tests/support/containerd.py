@@ -26,11 +26,12 @@ import signal
 import socket
 import subprocess
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.torture import read_snapshots
 from tests.support.tree import MountedTree, wait_until, write_config
 
 CONTAINERD = "/usr/bin/containerd"
@@ -275,6 +276,28 @@ class Stack:
         its socket, as a service manager would."""
         self.tree.mount()
         wait_until(lambda: socket_answers(self.socket), 30, "dmfs's socket")
+
+
+def collect_garbage(stack: Stack, done: Callable[[], bool] = lambda: True,
+                    what: str = "the collection", *, attempts: int = 4,
+                    patience: float = 10) -> None:
+    """Make containerd collect dmfs now, until ``done()``: what a user does (README,
+    "With containerd"): any removal through containerd schedules a collection.
+
+    One removal may not be enough: a collection that meets a snapshot removed in
+    the tree meanwhile (NotFound) stops there, and containerd's scheduler skips
+    a removal made while a collection runs; both wait for the next removal."""
+    for _ in range(attempts):
+        stack.containerd.snapshots(DMFS_SNAPSHOTTER, "prepare", "gc-kick")
+        stack.containerd.snapshots(DMFS_SNAPSHOTTER, "rm", "gc-kick")
+        try:
+            wait_until(lambda: done() and not [
+                s for s in read_snapshots(stack.tree) if s["name"].endswith("/gc-kick")],
+                patience, what)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"{attempts} collections by containerd did not bring {what}")
 
 
 def socket_answers(path: Path) -> bool:
