@@ -18,6 +18,14 @@ stored or dropped and their parents), and all the nodes the kernel has seen
 only when the engine no longer knows (comparing 10,000 took 39 ms on the
 host).  A change made through the tree finds nothing left to do but an
 invalidation the kernel no longer needs.
+
+The kernel's copies of the ``fs`` link targets are another cache, with its own
+mechanism (:mod:`dmfs.fuse.linkcache`): the engine calls ``before_unmount``
+before it takes a snapshot's files away, whichever front end asked, and the
+link's inode (its cached target) is invalidated then, in a worker thread.
+This module follows the state after the change: node entries and attributes,
+which the kernel never needs to ask for again until told.  The two never
+invalidate the same inode.
 """
 
 from __future__ import annotations
