@@ -54,6 +54,10 @@ class Entry:
     known_as: tuple[int, bytes] | None = None
     #: the node's attributes as last reported (see dmfs.fuse.coherence)
     reported: tuple[int, int, int] | None = None
+    #: a by-name or containerd link's target, fixed for the inode's life
+    target: bytes | None = None
+    #: replaced by a newer inode of the same link (its target changed)
+    retired: bool = False
 
 
 class InodeTable:
@@ -68,11 +72,22 @@ class InodeTable:
         self._namespace_dirs: dict[str, int] = {}
         self._namespace_names: dict[int, str] = {}
 
-    def inode(self, role: EntryRole, identity: Identity) -> int:
-        """The inode of a snapshot's node or link (allocated on first use)."""
+    def inode(self, role: EntryRole, identity: Identity, target: bytes | None = None) -> int:
+        """The inode of a snapshot's node or link (allocated on first use).
+
+        A link whose ``target`` is given gets a new inode whenever the target
+        changes (a by-name or containerd link, after a commit or rename of its
+        node or of an ancestor): the kernel caches a link's target with the
+        inode (FUSE_CAP_CACHE_SYMLINKS, dmfs.fuse.linkcache) and nothing but an
+        invalidation, which can block, would refresh it; these links have entry
+        timeout 0, so the next path walk looks the name up and meets the new
+        inode.  The old one goes once the kernel forgets it."""
         entry = self._by_identity.get((role, identity))
+        if entry is not None and target is not None and entry.target != target:
+            self._retire(entry)
+            entry = None
         if entry is None:
-            entry = Entry(self._next, role, identity)
+            entry = Entry(self._next, role, identity, target=target)
             self._next += 1
             self._by_inode[entry.inode] = entry
             self._by_identity[(role, identity)] = entry
@@ -131,8 +146,15 @@ class InodeTable:
         if entry is None:
             return
         entry.lookups = max(0, entry.lookups - count)
-        if entry.lookups == 0 and not still_exists:
+        if entry.lookups == 0 and (entry.retired or not still_exists):
             self._drop(entry)
+
+    def _retire(self, entry: Entry) -> None:
+        if entry.lookups == 0:
+            self._drop(entry)
+            return
+        entry.retired = True
+        del self._by_identity[(entry.role, entry.identity)]
 
     def snapshot_gone(self, identity: Identity) -> None:
         """A snapshot was removed: drop its entries the kernel no longer holds
@@ -144,7 +166,8 @@ class InodeTable:
 
     def _drop(self, entry: Entry) -> None:
         del self._by_inode[entry.inode]
-        del self._by_identity[(entry.role, entry.identity)]
+        if not entry.retired:
+            del self._by_identity[(entry.role, entry.identity)]
         if entry.role is EntryRole.NODE:
             same_device = self._nodes_by_device[entry.identity[0]]
             same_device.remove(entry)

@@ -66,6 +66,11 @@ class Namespace:
     def node_inode(self, info: Info) -> int:
         return self.inodes.inode(EntryRole.NODE, info.identity)
 
+    def link_inode(self, role: EntryRole, info: Info) -> int:
+        """The inode of a by-name or containerd link to ``info``'s node: one per
+        target (see :meth:`InodeTable.inode`)."""
+        return self.inodes.inode(role, info.identity, target=self.link_target(role, info))
+
     def info_by_name(self, name: bytes) -> Info | None:
         try:
             return self.engine.get(decode_entry(name))
@@ -78,7 +83,7 @@ class Namespace:
             return CONTROL_ENTRIES.get(name)
         if parent_inode == inodes.BY_NAME_DIR:
             info = self.info_by_name(name)
-            return self.inodes.inode(EntryRole.BY_NAME, info.identity) if info else None
+            return self.link_inode(EntryRole.BY_NAME, info) if info else None
         if parent_inode == inodes.CONTAINERD_DIR:
             namespace = name.decode("ascii", errors="replace")
             return (self.inodes.namespace_dir(namespace)
@@ -87,7 +92,7 @@ class Namespace:
         if namespace is not None:
             key = self.containerd.key(namespace, name)
             info = self.engine.get(key) if key is not None else None
-            return self.inodes.inode(EntryRole.CONTAINERD, info.identity) if info else None
+            return self.link_inode(EntryRole.CONTAINERD, info) if info else None
         if parent_inode == inodes.ROOT:
             if name == CONTROL:
                 return inodes.CONTROL_DIR
@@ -125,7 +130,7 @@ class Namespace:
         for entry, key in self.containerd.entries(namespace):
             info = self.engine.get(key)
             if info is not None:
-                entries.append((entry, self.inodes.inode(EntryRole.CONTAINERD, info.identity)))
+                entries.append((entry, self.link_inode(EntryRole.CONTAINERD, info)))
         return entries
 
     def is_control_dir(self, inode: int) -> bool:
@@ -212,6 +217,14 @@ class Namespace:
             return self.by_name_target(info)
         return os.fsencode("../../../" + "/".join(reversed(self.node_path(info))))
 
+    def served_target(self, inode: int, role: EntryRole, info: Info) -> bytes:
+        """The target link inode ``inode`` answers: the one it was made for, as
+        the kernel may have cached it (an inode since replaced keeps it)."""
+        entry = self.inodes.get(inode)
+        if entry is not None and entry.target is not None:
+            return entry.target
+        return self.link_target(role, info)
+
     def fixed_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """The attributes of the root and the .dmfs directories (None: not one)."""
         if inode == inodes.ROOT:
@@ -237,7 +250,7 @@ class Namespace:
         role, info = found
         if role is EntryRole.NODE:
             return self.node_attrs(info)
-        target = self.link_target(role, info)
+        target = self.served_target(inode, role, info)
         timeout = NODE_TIMEOUT if role is EntryRole.FS_LINK else 0
         return self.attrs(inode, stat.S_IFLNK | 0o777, size=len(target), timeout=timeout,
                           times=(info.created, info.updated))

@@ -180,7 +180,7 @@ class DmfsOperations(pyfuse3.Operations):
             entries = sorted(CONTROL_ENTRIES.items())
         elif inode == inodes.BY_NAME_DIR:
             entries = [(os.fsencode(encode_key(info.key)),
-                        self.inodes.inode(EntryRole.BY_NAME, info.identity))
+                        self.ns.link_inode(EntryRole.BY_NAME, info))
                        for info in await self.engine.walk()]
         elif (containerd := self.ns.containerd_entries(inode)) is not None:
             entries = containerd
@@ -221,7 +221,7 @@ class DmfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL if found else errno.ENOENT)
         role, info = found
         if role is not EntryRole.FS_LINK:
-            return self.ns.link_target(role, info)
+            return self.ns.served_target(inode, role, info)
         try:
             await self.engine.mountpoint(info.key)
         except SnapshotError as error:

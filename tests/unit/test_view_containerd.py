@@ -212,3 +212,32 @@ def test_only_what_the_engine_says_changed_is_compared() -> None:
     # not knowing what changed compares everything (and finds it all done)
     everything = coherence.stale(ns, None)
     assert not everything.entries and not everything.attributes
+
+
+def test_a_link_whose_target_changes_gets_a_new_inode() -> None:
+    """The kernel caches a link's target with its inode: after a commit moves a
+    node, its by-name and containerd links are new inodes; the old ones go once
+    the kernel forgets them."""
+    engine = containerd_pool()
+    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
+    web = ns.inodes.namespace_dir("default")
+    old_link = ns.child_inode(web, b"web")
+    assert old_link is not None
+    ns.inodes.looked_up(old_link)
+    old_target = ns.served_target(old_link, EntryRole.CONTAINERD, engine.infos["default/9/web"])
+    assert ns.child_inode(web, b"web") == old_link  # same target: same inode
+
+    # containerd commits default/9/web as default/10/web
+    old = engine.infos["default/9/web"]
+    engine.drop(old.key)
+    engine.infos["default/10/web"] = replace(old, key="default/10/web")
+    engine.state_version += 1
+    new_link = ns.child_inode(web, b"web")
+    assert new_link is not None and new_link != old_link
+    new_info = engine.infos["default/10/web"]
+    assert ns.served_target(new_link, EntryRole.CONTAINERD, new_info).endswith(
+        b"default%2F10%2Fweb")
+    assert ns.served_target(old_link, EntryRole.CONTAINERD, new_info) == old_target
+    ns.inodes.forget(old_link, 1, still_exists=True)  # the snapshot lives on
+    assert ns.inodes.get(old_link) is None
+    assert ns.inodes.get(new_link) is not None
