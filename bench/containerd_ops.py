@@ -55,6 +55,7 @@ from tests.support.containerd import (
     Containerd,
     DevmapperSettings,
     build_image,
+    dmfs_socket,
 )
 from tests.support.loop_pool import loop_pool
 from tests.support.snapshots_client import GC_ROOT, SnapshotsClient
@@ -68,6 +69,8 @@ OPERATIONS = ("prepare-parentless", "commit", "prepare-child", "remove-active",
               "remove-committed")
 TARGET_RATIO = 10.0
 LOG_POLL = 0.002
+#: what containerd logs (at debug level) when a garbage collection has ended
+GC_DONE = re.compile(r'msg="garbage collected"')
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -140,6 +143,14 @@ def removal(target: Target, log: LogWatch | None, key: str) -> Callable[[], obje
     return remove_and_wait
 
 
+def collection_over(target: Target, log: LogWatch) -> None:
+    """Wait (untimed) until the collection that removed a snapshot has ended:
+    containerd's scheduler ignores a removal made while a collection runs, so
+    the next one would wait for a collection that never comes."""
+    if target.collected_by is not None:
+        log.wait_for(GC_DONE)
+
+
 def measure_operations(targets: list[Target], log: LogWatch, iterations: int,
                        existing: int) -> None:
     for target in targets:
@@ -155,7 +166,9 @@ def measure_operations(targets: list[Target], log: LogWatch, iterations: int,
             target.timed("commit", client.commit, layer, root)
             target.timed("prepare-child", client.prepare, child, layer)
             target.timed("remove-active", removal(target, log, child))
+            collection_over(target, log)
             target.timed("remove-committed", removal(target, log, layer))
+            collection_over(target, log)
 
 
 def timed_command(argv: list[str]) -> float:
@@ -180,7 +193,8 @@ def measure_imports(containerd: Containerd, archive: Path, image: str, snapshott
 
 @contextlib.contextmanager
 def dmfs_tree(workdir: Path, pool_name: str, base_size: str) -> Iterator[MountedTree]:
-    socket = workdir / "dmfs.sock"
+    socket = dmfs_socket(workdir)
+    workdir.mkdir(mode=0o755, exist_ok=True)
     config = write_config(workdir, pool_name, base_image_size=base_size,
                           grpc_address=str(socket))
     tree = MountedTree(config, workdir / "mnt", workdir / "run")
@@ -248,13 +262,13 @@ def main() -> int:
                 if uses_dmfs else None)
         containerd = stack.enter_context(Containerd(
             workdir / "containerd",
-            proxies={DMFS_SNAPSHOTTER: workdir / "dmfs" / "dmfs.sock"} if uses_dmfs else {},
+            proxies={DMFS_SNAPSHOTTER: dmfs_socket(workdir / "dmfs")} if uses_dmfs else {},
             devmapper=DevmapperSettings(dm_pool.name, workdir / "devmapper",
                                         base_image_size=args.base_size)))
         targets = []
         if "socket" in wanted:
             targets.append(Target("dmfs socket", SnapshotsClient(
-                workdir / "dmfs" / "dmfs.sock", DMFS_SNAPSHOTTER)))
+                dmfs_socket(workdir / "dmfs"), DMFS_SNAPSHOTTER)))
         if "proxy" in wanted:
             targets.append(Target("dmfs via containerd", SnapshotsClient(
                 containerd.address, DMFS_SNAPSHOTTER, NAMESPACE, labels=GC_ROOT), DMFS_SNAPSHOTTER))
