@@ -32,7 +32,7 @@ from datetime import datetime
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from dmfs.grpc.errors import answered, refuse
+from dmfs.grpc.errors import answered, refuse, shown
 from dmfs.grpc.proto import mount_pb2
 from dmfs.grpc.proto import snapshots_pb2 as api
 from dmfs.pool import BlockDevice, Info, Kind, Snapshotter
@@ -44,7 +44,7 @@ KINDS = {Kind.VIEW: api.VIEW, Kind.ACTIVE: api.ACTIVE, Kind.COMMITTED: api.COMMI
 
 
 def _key(request: object) -> str:
-    return repr(getattr(request, "key", ""))
+    return shown(getattr(request, "key", ""))
 
 
 def _timestamp(text: str) -> timestamp_pb2.Timestamp:
@@ -109,7 +109,7 @@ class SnapshotsService:
     async def stat(self, request: api.StatSnapshotRequest) -> api.StatSnapshotResponse:
         return api.StatSnapshotResponse(info=info_message(await self.engine.stat(request.key)))
 
-    @answered("Update", lambda request: repr(request.info.name))
+    @answered("Update", lambda request: shown(request.info.name))
     async def update(self, request: api.UpdateSnapshotRequest) -> api.UpdateSnapshotResponse:
         name, given = request.info.name, request.info.labels
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
@@ -122,15 +122,15 @@ class SnapshotsService:
                 label = path.removeprefix("labels.")
                 changes[label] = given.get(label) or None
             else:
-                raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "Update", repr(name),
-                             f"cannot update {path!r} field on snapshot {name!r}: only "
-                             "labels can change")
+                raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "Update", shown(name),
+                             f"cannot update {shown(path)} field on snapshot {shown(name)}: "
+                             "only labels can change")
         if replace_all:
             changes = {**labels_of(given), **changes}
         info = await self.engine.update(name, changes, replace_all=replace_all)
         return api.UpdateSnapshotResponse(info=info_message(info))
 
-    @answered("List", lambda request: repr(list(request.filters)))
+    @answered("List", lambda request: shown(",".join(request.filters)))
     async def list(self, request: api.ListSnapshotsRequest) -> list[api.ListSnapshotsResponse]:
         infos = [info_message(info) for info in await self.engine.walk(*request.filters)]
         return [api.ListSnapshotsResponse(info=infos[start:start + LIST_BATCH])
