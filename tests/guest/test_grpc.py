@@ -53,6 +53,7 @@ def shared() -> Iterator[tuple[MountedTree, LoopPool, Path]]:
                 tree.mount()
                 yield tree, pool, socket_path
                 tree.unmount()
+                assert not socket_path.exists()  # removed at exit
                 check = dmfs("check", str(config)).stdout
                 assert "problem" not in check.lower(), check
             finally:
@@ -278,7 +279,7 @@ def test_a_device_the_client_holds(tree: MountedTree, client: SnapshotsClient,
             Code.FAILED_PRECONDITION
         # a stop and a start while the client holds it: left live, no problem
         tree.unmount()
-        assert Path(view.source).exists()
+        assert Path(view.source).exists() and not socket_path.exists()
         check = dmfs("check", str(tree.config)).stdout
         assert "problem" not in check.lower(), check
         tree.mount()
