@@ -2,10 +2,10 @@
 
 # What dmfs needs to run, and to build pyfuse3 (which has no wheel: pip compiles it
 # against libfuse3-dev): Python with venv, FUSE, device-mapper and thin-pool tools,
-# mkfs for ext4 and xfs, losetup, getfattr/setfattr.
+# mkfs for ext4 and xfs, losetup, getfattr/setfattr, patch (for contrib/pyfuse3).
 dmfs_runtime_packages=(
 	python3 python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3
-	kmod dmsetup thin-provisioning-tools e2fsprogs xfsprogs util-linux attr
+	kmod dmsetup thin-provisioning-tools e2fsprogs xfsprogs util-linux attr patch
 )
 
 # install_debian_packages PACKAGE...: apt-get install the ones not installed yet.

@@ -113,7 +113,8 @@ def run_status(args: argparse.Namespace) -> int:
     status, block, kinds = summary.status, summary.block_size, summary.snapshots
     faulty = summary.faulty_devices
     data = {**summary.nested(), "served": seen.served,
-            "problems": [f.message for f in seen.problems]}
+            "problems": [f.message for f in seen.problems],
+            "fs_links": _fs_links(config, seen.served)}
     low_water = (f"low-water mark {summary.low_water_blocks} blocks: "
                  f"{'REACHED' if summary.low_water_reached else 'ok'}"
                  if summary.low_water_blocks else "no low-water mark")
@@ -128,10 +129,26 @@ def run_status(args: argparse.Namespace) -> int:
         f"snapshots   {sum(kinds.values())}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
         f"faulty      {', '.join(f'device {i}' for i in faulty) or 'none'}",
         f"daemon      {'serving this pool' if seen.served else 'not running'}",
+        f"fs links    {data['fs_links']['text']}",
     ]
     lines += [f"problem     {f.message}" for f in seen.problems if f.kind != "faulty"]
     emit(args, data, lines)
     return EXIT_OK
+
+
+def _fs_links(config: Config, served: bool) -> dict[str, Any]:
+    """Whether the kernel caches the tree's fs links: what the serving daemon
+    negotiated, or (no daemon) what the installed pyfuse3 can do."""
+    from dmfs.fuse import linkcache  # (imports pyfuse3: only status needs it)
+
+    if not served:
+        state = linkcache.installed()
+        text = state.why if state.cached else state.describe()
+        return {"cached": None, "why": state.why, "text": f"(no daemon) {text}"}
+    state = linkcache.recorded(config.runtime_dir)
+    if state is None:
+        return {"cached": None, "why": "the daemon recorded nothing", "text": "unknown"}
+    return {"cached": state.cached, "why": state.why, "text": state.describe()}
 
 
 def _usage_text(node: dict[str, Any]) -> str:

@@ -67,6 +67,12 @@ class InodeTable:
     def get(self, inode: int) -> Entry | None:
         return self._by_inode.get(inode)
 
+    def known_to_kernel(self, role: EntryRole, identity: Identity) -> int | None:
+        """The inode of a snapshot's node or link if the kernel holds it now
+        (it has looked it up and not forgotten it), else None."""
+        entry = self._by_identity.get((role, identity))
+        return entry.inode if entry is not None and entry.lookups > 0 else None
+
     def looked_up(self, inode: int) -> None:
         """The kernel now holds one more reference (lookup, mkdir, readdirplus)."""
         entry = self._by_inode.get(inode)

@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from dmfs.config import Config, admin_gid
+from dmfs.fuse import linkcache
 from dmfs.fuse.operations import DmfsOperations
 from dmfs.pool import Snapshotter
 
@@ -65,12 +66,17 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
                 await stack.enter_async_context(snapshots_api(engine, config.grpc_address, gid))
             pyfuse3.init(operations, os.fspath(mountpoint), fuse_options(config, extra_options))
             stack.callback(_close_fuse)
+            stack.callback(linkcache.forget, config.runtime_dir)
             log.info("serving thin pool %s at %s", config.pool_name, mountpoint)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals, on_stopping)
-                on_ready()
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_on_signals, on_stopping)
+                    on_ready()
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await operations.links.session_closing()
         log.info("%s unmounted; stopping the engine", mountpoint)
 
 

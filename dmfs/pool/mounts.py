@@ -15,7 +15,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,9 @@ class Mount:
     path: Path
     read_only: bool
     last_used: float = field(default_factory=time.monotonic)
+    #: an operation is taking it down (idle expiry, commit, remove): whoever
+    #: wants the files waits for the device's lock instead of using this path
+    unmounting: bool = False
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -118,6 +121,18 @@ class MountTable:
         with contextlib.suppress(OSError):
             fs.umount(mount.path, lazy=True)
         effects.later(lambda: self._forget(device_id, mount))
+
+    @contextlib.contextmanager
+    def taking_down(self, device_id: int) -> Iterator[None]:
+        """Mark a snapshot's mount as on its way out while an operation runs."""
+        mount = self._mounts.get(device_id)
+        if mount is not None:
+            mount.unmounting = True
+        try:
+            yield
+        finally:
+            if mount is not None:
+                mount.unmounting = False
 
     def _forget(self, device_id: int, mount: Mount) -> None:
         if self._mounts.get(device_id) is mount:

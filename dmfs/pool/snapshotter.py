@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +67,10 @@ from dmfs.pool.udev import DmEvent, DmWatcher
 
 log = logging.getLogger(__name__)
 
+async def _nothing_handed_out(device_id: int) -> None:
+    """The default :attr:`Snapshotter.before_unmount`: no front end to tell."""
+
+
 class Snapshotter(SnapshotReader):
     """One thin pool's snapshots.  Use :meth:`open`; all methods are async."""
 
@@ -86,6 +90,13 @@ class Snapshotter(SnapshotReader):
         self._background_removals = 0
         self._removals_idle = trio.Event()
         self._removals_idle.set()
+        #: awaited with the device id before a snapshot's files leave the path
+        #: mount_path() gives (before an idle expiry, a commit or a remove
+        #: unmounts them, whichever front end asked): a front end drops what it
+        #: handed out (the FUSE view: the kernel's cached fs link).  It runs
+        #: before the device's lock is taken: dropping a cached link can wait
+        #: for a path walk that is asking mountpoint() for that very device.
+        self.before_unmount: Callable[[int], Awaitable[None]] = _nothing_handed_out
 
     # ================================================================ lifecycle
     @classmethod
@@ -217,14 +228,12 @@ class Snapshotter(SnapshotReader):
         snapshots and views read-only, active ones read-write)."""
         device_id = self._get(key).device_id
         mount = self.mounts.get(device_id)
-        lock = self.devices.lock(device_id)
-        # While the device's lock is held its mount may be on its way out (an
-        # idle expiry, a commit): wait for the change rather than answer a path
-        # that is about to be unmounted.
-        if mount is not None and not lock.locked():
+        # A mount on its way out (an idle expiry, a commit, a remove): wait for
+        # the change rather than answer a path that is about to be unmounted.
+        if mount is not None and not mount.unmounting:
             mount.touch()
             return mount.path
-        async with lock:
+        async with self.devices.lock(device_id):
             mount = self.mounts.get(device_id)
             if mount is not None:
                 mount.touch()
@@ -287,13 +296,18 @@ class Snapshotter(SnapshotReader):
     async def _expire(self, device_id: int, *, idle: float = 0.0) -> bool:
         """Unmount a read-only snapshot unused for ``idle`` seconds and deactivate
         its device, unless its files are in use; True when it did."""
+        mount = self.mounts.get(device_id)
+        if mount is None or not mount.read_only or mount.idle_for() < idle:
+            return False
+        used = mount.last_used
+        await self.before_unmount(device_id)
         async with self.devices.lock(device_id):
-            mount = self.mounts.get(device_id)
-            if mount is None or not mount.read_only or mount.idle_for() < idle:
-                return False
+            if self.mounts.get(device_id) is not mount or mount.last_used != used:
+                return False  # used (or changed) meanwhile
             try:
-                return await self.store.run(self.steps.expire, self.devices.get(device_id),
-                                            device_id, mount)
+                with self.mounts.taking_down(device_id):
+                    return await self.store.run(self.steps.expire,
+                                                self.devices.get(device_id), device_id, mount)
             except SnapshotError as error:
                 log.warning("cannot unmount idle snapshot device %d: %s", device_id, error)
                 return False
@@ -321,14 +335,16 @@ class Snapshotter(SnapshotReader):
                 raise FailedPrecondition(f"snapshot {key!r} is {snapshot.kind}, not active")
             if name in self.meta.snapshots:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
+            await self.before_unmount(snapshot.device_id)
             async with self.devices.lock(snapshot.device_id):
                 device = self.devices.get(snapshot.device_id)
                 if device is None or device.state is DeviceState.FAULTY:
                     why = device.error if device else "its device is missing"
                     raise FailedPrecondition(f"snapshot {key!r} is faulty: {why}")
                 try:
-                    await self.store.run(self.steps.commit, snapshot, device,
-                                         self.mounts.get(device.id), name, labels)
+                    with self.mounts.taking_down(device.id):
+                        await self.store.run(self.steps.commit, snapshot, device,
+                                             self.mounts.get(device.id), name, labels)
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         current = self.meta.snapshots.get(key)
@@ -401,12 +417,14 @@ class Snapshotter(SnapshotReader):
                 raise HasChildren(f"snapshot {key!r} has {len(children)} child snapshot(s): "
                                   f"{names}")
             device_id = snapshot.device_id
+            await self.before_unmount(device_id)
             async with self.devices.lock(device_id):
                 device = self.devices.get(device_id)
                 # Whether it may be live, known before the record makes it Removing.
                 live = device is not None and device.may_be_live
-                await self.store.run(self.steps.remove, snapshot, device,
-                                     self.mounts.get(device_id))
+                with self.mounts.taking_down(device_id):
+                    await self.store.run(self.steps.remove, snapshot, device,
+                                         self.mounts.get(device_id))
         if device is None:
             return
         self._start_removal()

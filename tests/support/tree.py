@@ -33,12 +33,17 @@ def write_config(directory: Path, pool_name: str, **settings: object) -> Path:
     return path
 
 
-def dmfs(*args: str, check: bool = True, env: dict[str, str] | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    """Run the dmfs command (this checkout's) and return its result."""
-    result = subprocess.run([sys.executable, "-m", "dmfs", *args], capture_output=True,
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def dmfs(*args: str, check: bool = True, env: dict[str, str] | None = None,
+         module: str = "dmfs") -> subprocess.CompletedProcess[str]:
+    """Run the dmfs command (this checkout's) and return its result; ``module``
+    may name a wrapper such as ``tests.support.stock_pyfuse3``."""
+    path = {"PYTHONPATH": str(CHECKOUT)} if module != "dmfs" else {}
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
                             text=True, check=False, timeout=300,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **path, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"dmfs {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stderr}")
@@ -54,11 +59,11 @@ class MountedTree:
         self.runtime_dir = runtime_dir
         self.pid: int | None = None
 
-    def mount(self, *options: str) -> subprocess.CompletedProcess[str]:
+    def mount(self, *options: str, module: str = "dmfs") -> subprocess.CompletedProcess[str]:
         """`dmfs mount CONFIG MOUNTPOINT`; returns once mounted, with its output."""
         with contextlib.suppress(FileExistsError):  # (a dead mount fails even exist_ok)
             self.mountpoint.mkdir()
-        result = dmfs("mount", str(self.config), str(self.mountpoint), *options)
+        result = dmfs("mount", str(self.config), str(self.mountpoint), *options, module=module)
         self.pid = int((self.runtime_dir / "dmfs.pid").read_text())
         return result
 
@@ -83,6 +88,17 @@ class MountedTree:
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
+
+    def pool_lines(self) -> dict[str, str]:
+        """``M/.dmfs/pool`` as a dict of its ``key: value`` lines."""
+        text = self.path(".dmfs", "pool").read_text()
+        return dict(line.split(": ", 1) for line in text.splitlines())
+
+    def requests(self) -> dict[str, int]:
+        """FUSE requests that reached the daemon so far, per handler."""
+        summary = self.pool_lines()["fuse_requests"]
+        return {name: int(count) for name, count in
+                (item.split("=") for item in summary.split() if "=" in item)}
 
     def log(self) -> str:
         try:
