@@ -47,7 +47,7 @@ from google.protobuf.message import DecodeError
 from dmfs.grpc.address import prepare_socket_path, secure_socket
 from dmfs.grpc.errors import Refusal, refuse
 from dmfs.grpc.proto import snapshots_pb2 as api
-from dmfs.grpc.service import SnapshotsService
+from dmfs.grpc.service import ChangeListener, SnapshotsService
 from dmfs.pool import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,16 @@ class _ServerThread:
 
 
 @contextlib.asynccontextmanager
-async def snapshots_api(engine: Snapshotter, path: Path, admin_gid: int | None
-                        ) -> AsyncIterator[None]:
+async def snapshots_api(engine: Snapshotter, path: Path, admin_gid: int | None,
+                        changed: ChangeListener | None = None) -> AsyncIterator[None]:
     """Serve containerd's snapshots API on the unix socket ``path`` while the
-    context is open; on exit, stop taking requests and finish those in flight."""
+    context is open; on exit, stop taking requests and finish those in flight.
+    ``changed`` hears of each Commit and Remove (:class:`SnapshotsService`)."""
     await trio.to_thread.run_sync(prepare_socket_path, path, admin_gid)
     async with trio.open_nursery() as requests:
         port = TrioPort(trio.lowlevel.current_trio_token(), requests)
-        server = _ServerThread(rpc_handlers(SnapshotsService(engine), port), path, admin_gid,
+        service = SnapshotsService(engine, changed) if changed else SnapshotsService(engine)
+        server = _ServerThread(rpc_handlers(service, port), path, admin_gid,
                                trio.lowlevel.current_trio_token())
         server.thread.start()
         try:

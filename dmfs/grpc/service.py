@@ -21,12 +21,15 @@ containerd's side relies on, and where it comes from:
 - List streams the matching snapshots by key, 100 per message as containerd's
   own service does, with containerd's filter syntax (:mod:`dmfs.pool.filters`);
 - Usage answers bytes and no inode count, as containerd's devmapper does;
+- Commit and Remove tell the tree afterwards (``changed``), whose kernel caches
+  the old names and attributes otherwise;
 - Cleanup deletes what removals left (:meth:`dmfs.pool.Snapshotter.cleanup`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 
 import grpc
@@ -39,6 +42,8 @@ from dmfs.pool import BlockDevice, Info, Kind, Snapshotter
 
 #: snapshots per ListSnapshotsResponse (containerd's service sends 100)
 LIST_BATCH = 100
+
+log = logging.getLogger(__name__)
 
 KINDS = {Kind.VIEW: api.VIEW, Kind.ACTIVE: api.ACTIVE, Kind.COMMITTED: api.COMMITTED}
 
@@ -72,11 +77,35 @@ def labels_of(labels: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in labels.items() if value}
 
 
-class SnapshotsService:
-    """The ``containerd.services.snapshots.v1.Snapshots`` methods over one engine."""
+#: what the daemon tells the tree after a Commit or Remove (the snapshot's Info before)
+ChangeListener = Callable[[Info], Awaitable[None]]
 
-    def __init__(self, engine: Snapshotter) -> None:
+
+async def _nobody(before: Info) -> None:
+    """The default listener: no other front end to tell."""
+
+
+class SnapshotsService:
+    """The ``containerd.services.snapshots.v1.Snapshots`` methods over one engine.
+
+    ``changed`` hears of each Commit and Remove done here: the tree's kernel
+    caches names and attributes, and only requests through the tree tell it of
+    changes by themselves."""
+
+    def __init__(self, engine: Snapshotter, changed: ChangeListener = _nobody) -> None:
         self.engine = engine
+        self.changed = changed
+
+    async def _tell(self, before: Info | None) -> None:
+        # The change is done and durable: a failure to tell the tree must not fail it.
+        if before is None:
+            return
+        try:
+            await self.changed(before)
+        except Exception:
+            log.exception("telling the tree of the change to snapshot %s failed; it may "
+                          "show the old entry until the kernel's cache expires",
+                          shown(before.key))
 
     @answered("Prepare", _key)
     async def prepare(self, request: api.PrepareSnapshotRequest) -> api.PrepareSnapshotResponse:
@@ -97,12 +126,16 @@ class SnapshotsService:
 
     @answered("Commit", _key)
     async def commit(self, request: api.CommitSnapshotRequest) -> empty_pb2.Empty:
+        before = self.engine.get(request.key)
         await self.engine.commit(request.name, request.key, labels_of(request.labels))
+        await self._tell(before)
         return empty_pb2.Empty()
 
     @answered("Remove", _key)
     async def remove(self, request: api.RemoveSnapshotRequest) -> empty_pb2.Empty:
+        before = self.engine.get(request.key)
         await self.engine.remove(request.key)
+        await self._tell(before)
         return empty_pb2.Empty()
 
     @answered("Stat", _key)

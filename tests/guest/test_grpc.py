@@ -146,7 +146,11 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
         os.sync()
         assert (node(tree, key) / "fs" / "layer-file").read_text() == "from the client\n"
     assert client.usage(key).size > 0
+    by_name = tree.path(".dmfs", "by-name", node(tree, key).name)
+    assert by_name.is_symlink() and stat.S_IMODE(node(tree, key).stat().st_mode) == 0o755
     client.commit("default/2/sha256:aaa", key, **ref)
+    # the kernel held the old name (entries are cached for minutes): the tree told it
+    assert not os.path.lexists(node(tree, key)) and not os.path.lexists(by_name)
     committed = client.stat("default/2/sha256:aaa")
     assert (committed.kind, dict(committed.labels)) == (api.COMMITTED, ref)
     assert client.refused("Stat", api.StatSnapshotRequest(key=key))[0] is Code.NOT_FOUND
@@ -200,6 +204,7 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
         client.remove(key)
     client.cleanup()
     assert client.list() == [] and snapshots_json(tree) == {}
+    assert not os.path.lexists(base)  # looked up before: the removal reached the kernel
     assert sorted(os.listdir(tree.mountpoint)) == [".dmfs"]
 
 

@@ -27,6 +27,7 @@ from dmfs.pool import (
     AlreadyExists,
     FailedPrecondition,
     HasChildren,
+    Info,
     InUse,
     InvalidArgument,
     JournalCorrupt,
@@ -203,6 +204,33 @@ async def test_remove_and_cleanup(client: Client, engine: FakeEngine) -> None:
     assert engine.snapshots == {}
     await client("Cleanup", api.CleanupRequest(snapshotter="dmfs"))
     assert engine.calls[-1][0] == "cleanup"
+
+
+async def test_commit_and_remove_tell_the_tree(engine: FakeEngine, socket_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The tree hears of each Commit and Remove with the snapshot as it was; a
+    listener that fails costs a log line, never the change."""
+    told: list[tuple[str, str]] = []
+
+    async def changed(before: Info) -> None:
+        told.append((before.key, before.kind.value))
+        if before.key == "b":
+            raise RuntimeError("the tree is gone")
+
+    async with snapshots_api(engine, socket_path, None, changed):  # type: ignore[arg-type]
+        client = Client(socket_path)
+        try:
+            await client("Prepare", api.PrepareSnapshotRequest(key="a"))
+            await client("Commit", api.CommitSnapshotRequest(name="b", key="a"))
+            await client("Update", update("b", ["labels.k"], k="v"))
+            await client("Remove", api.RemoveSnapshotRequest(key="b"))  # the listener fails
+            assert (await client.code("Remove", api.RemoveSnapshotRequest(key="b")))[0] is \
+                Code.NOT_FOUND
+        finally:
+            client.channel.close()
+    assert told == [("a", "active"), ("b", "committed")]
+    assert engine.snapshots == {}
+    assert "telling the tree of the change to snapshot 'b' failed" in caplog.text
 
 
 async def test_what_containerds_unpacker_relies_on(client: Client) -> None:
