@@ -63,7 +63,8 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
                 # Imported only then: grpc costs 0.3 s to import in the test guest.
                 from dmfs.grpc.server import snapshots_api
 
-                await stack.enter_async_context(snapshots_api(engine, config.grpc_address, gid))
+                await stack.enter_async_context(snapshots_api(
+                    engine, config.grpc_address, gid, operations.changed_elsewhere))
             pyfuse3.init(operations, os.fspath(mountpoint), fuse_options(config, extra_options))
             stack.callback(_close_fuse)
             stack.callback(linkcache.forget, config.runtime_dir)

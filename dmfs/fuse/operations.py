@@ -82,6 +82,24 @@ class DmfsOperations(pyfuse3.Operations):
         self.links.state = linkcache.negotiated(getattr(self, "cache_symlinks_granted", None))
         linkcache.announce(self.links.state, self.engine.config.runtime_dir)
 
+    async def changed_elsewhere(self, before: Info) -> None:
+        """Another front end (containerd's socket) committed or removed the
+        snapshot that was ``before``: the kernel may hold its old name under its
+        parent and in by-name (entries live NODE_TIMEOUT seconds) and the old
+        attributes of the node and its parent (mode, link count); make it ask."""
+        name = os.fsencode(encode_key(before.key))
+        parent_inode: int | None = inodes.ROOT
+        if before.parent is not None:
+            parent = self.engine.get(before.parent)
+            parent_inode = (self.inodes.known_to_kernel(EntryRole.NODE, parent.identity)
+                            if parent is not None else None)
+        entries = [(inodes.BY_NAME_DIR, name)]
+        if parent_inode is not None:
+            entries.append((parent_inode, name))
+        node_inode = self.inodes.known_to_kernel(EntryRole.NODE, before.identity)
+        attributes = [i for i in (node_inode, parent_inode) if i not in (None, inodes.ROOT)]
+        await self.links.refresh(entries, attributes)  # type: ignore[arg-type]
+
     async def _unmount_coming(self, device_id: int) -> None:
         """The engine is about to take a snapshot's files away (its hook)."""
         info = self.engine.by_device(device_id)

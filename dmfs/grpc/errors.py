@@ -62,8 +62,34 @@ class Refusal(Exception):
         self.message = message
 
 
+#: characters of a client's text (key, filter, field path) a log line or message shows
+SHOWN_TEXT = 80
+
+
+#: characters of a refusal's message at most: it travels back in the status trailer,
+#: which grpc clients cap (8 KiB by default in grpc's C core)
+MAX_MESSAGE = 1024
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a log line or a message, cut to SHOWN_TEXT characters:
+    grpc lets a client send a 4 MiB key, and the log should not grow by that much."""
+    if len(text) <= SHOWN_TEXT:
+        return repr(text)
+    return f"{text[:SHOWN_TEXT]!r}... ({len(text.encode(errors='replace'))} bytes)"
+
+
+def cut(message: str) -> str:
+    """A refusal's message of at most about MAX_MESSAGE characters (the engine's
+    sentences quote what the client sent, which may be megabytes)."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}... (cut: {len(message)} characters)"
+
+
 def refuse(code: grpc.StatusCode, method: str, subject: str, why: str) -> Refusal:
     """Log one line saying why, and the Refusal to raise."""
+    why = cut(why)
     log.warning("grpc %s %s refused (%s): %s", method, subject, code.name, why)
     return Refusal(code, why)
 
@@ -89,7 +115,7 @@ def answered(method: str, subject: Callable[[Any], str]
                 log.exception("unexpected error in the grpc %s handler; answering INTERNAL",
                               method)
                 raise Refusal(grpc.StatusCode.INTERNAL,
-                              f"internal error in dmfs ({type(error).__name__}: {error}); "
-                              "the daemon's log has the details") from None
+                              cut(f"internal error in dmfs ({type(error).__name__}: {error}); "
+                                  "the daemon's log has the details")) from None
         return guarded
     return decorate

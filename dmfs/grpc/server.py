@@ -9,9 +9,14 @@ asyncio with ``call_soon_threadsafe``, so requests run concurrently, as
 containerd sends them, and the engine's locks order them exactly as they order
 the tree's.
 
-Why this bridge: measured in the test guest by ``bench/grpc_bridge.py``
-(NUMBERS), against grpc's threaded server whose handlers call
-``trio.from_thread.run`` (one blocked worker thread per request in flight).
+Why this bridge: measured in the test guest by ``bench/grpc_ops.py`` (a Stat
+round trip from a client process, p50 / p95 over 500 requests, Python and
+containerd's Go client alike): 3.7 / 4.7 ms, against 4.0 / 5.1 ms for grpc's
+threaded server whose handlers block in ``trio.from_thread.run`` (which also
+holds one worker thread per request in flight), and 3.1 / 3.9 ms for grpc.aio
+answering from its own thread without trio at all.  grpc itself is the cost
+(a bare unix-socket echo between two processes takes 0.06 ms there); the hop to
+trio adds about 0.6 ms.
 
 A request never takes the daemon down: every handler is wrapped in the
 service's boundary (:mod:`dmfs.grpc.errors`), and what escapes it (a bug in
@@ -42,7 +47,7 @@ from google.protobuf.message import DecodeError
 from dmfs.grpc.address import prepare_socket_path, secure_socket
 from dmfs.grpc.errors import Refusal, refuse
 from dmfs.grpc.proto import snapshots_pb2 as api
-from dmfs.grpc.service import SnapshotsService
+from dmfs.grpc.service import ChangeListener, SnapshotsService
 from dmfs.pool import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -213,14 +218,16 @@ class _ServerThread:
 
 
 @contextlib.asynccontextmanager
-async def snapshots_api(engine: Snapshotter, path: Path, admin_gid: int | None
-                        ) -> AsyncIterator[None]:
+async def snapshots_api(engine: Snapshotter, path: Path, admin_gid: int | None,
+                        changed: ChangeListener | None = None) -> AsyncIterator[None]:
     """Serve containerd's snapshots API on the unix socket ``path`` while the
-    context is open; on exit, stop taking requests and finish those in flight."""
+    context is open; on exit, stop taking requests and finish those in flight.
+    ``changed`` hears of each Commit and Remove (:class:`SnapshotsService`)."""
     await trio.to_thread.run_sync(prepare_socket_path, path, admin_gid)
     async with trio.open_nursery() as requests:
         port = TrioPort(trio.lowlevel.current_trio_token(), requests)
-        server = _ServerThread(rpc_handlers(SnapshotsService(engine), port), path, admin_gid,
+        service = SnapshotsService(engine, changed) if changed else SnapshotsService(engine)
+        server = _ServerThread(rpc_handlers(service, port), path, admin_gid,
                                trio.lowlevel.current_trio_token())
         server.thread.start()
         try:

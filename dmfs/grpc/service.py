@@ -21,18 +21,21 @@ containerd's side relies on, and where it comes from:
 - List streams the matching snapshots by key, 100 per message as containerd's
   own service does, with containerd's filter syntax (:mod:`dmfs.pool.filters`);
 - Usage answers bytes and no inode count, as containerd's devmapper does;
+- Commit and Remove tell the tree afterwards (``changed``), whose kernel caches
+  the old names and attributes otherwise;
 - Cleanup deletes what removals left (:meth:`dmfs.pool.Snapshotter.cleanup`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from dmfs.grpc.errors import answered, refuse
+from dmfs.grpc.errors import answered, refuse, shown
 from dmfs.grpc.proto import mount_pb2
 from dmfs.grpc.proto import snapshots_pb2 as api
 from dmfs.pool import BlockDevice, Info, Kind, Snapshotter
@@ -40,11 +43,13 @@ from dmfs.pool import BlockDevice, Info, Kind, Snapshotter
 #: snapshots per ListSnapshotsResponse (containerd's service sends 100)
 LIST_BATCH = 100
 
+log = logging.getLogger(__name__)
+
 KINDS = {Kind.VIEW: api.VIEW, Kind.ACTIVE: api.ACTIVE, Kind.COMMITTED: api.COMMITTED}
 
 
 def _key(request: object) -> str:
-    return repr(getattr(request, "key", ""))
+    return shown(getattr(request, "key", ""))
 
 
 def _timestamp(text: str) -> timestamp_pb2.Timestamp:
@@ -72,11 +77,35 @@ def labels_of(labels: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in labels.items() if value}
 
 
-class SnapshotsService:
-    """The ``containerd.services.snapshots.v1.Snapshots`` methods over one engine."""
+#: what the daemon tells the tree after a Commit or Remove (the snapshot's Info before)
+ChangeListener = Callable[[Info], Awaitable[None]]
 
-    def __init__(self, engine: Snapshotter) -> None:
+
+async def _nobody(before: Info) -> None:
+    """The default listener: no other front end to tell."""
+
+
+class SnapshotsService:
+    """The ``containerd.services.snapshots.v1.Snapshots`` methods over one engine.
+
+    ``changed`` hears of each Commit and Remove done here: the tree's kernel
+    caches names and attributes, and only requests through the tree tell it of
+    changes by themselves."""
+
+    def __init__(self, engine: Snapshotter, changed: ChangeListener = _nobody) -> None:
         self.engine = engine
+        self.changed = changed
+
+    async def _tell(self, before: Info | None) -> None:
+        # The change is done and durable: a failure to tell the tree must not fail it.
+        if before is None:
+            return
+        try:
+            await self.changed(before)
+        except Exception:
+            log.exception("telling the tree of the change to snapshot %s failed; it may "
+                          "show the old entry until the kernel's cache expires",
+                          shown(before.key))
 
     @answered("Prepare", _key)
     async def prepare(self, request: api.PrepareSnapshotRequest) -> api.PrepareSnapshotResponse:
@@ -97,19 +126,23 @@ class SnapshotsService:
 
     @answered("Commit", _key)
     async def commit(self, request: api.CommitSnapshotRequest) -> empty_pb2.Empty:
+        before = self.engine.get(request.key)
         await self.engine.commit(request.name, request.key, labels_of(request.labels))
+        await self._tell(before)
         return empty_pb2.Empty()
 
     @answered("Remove", _key)
     async def remove(self, request: api.RemoveSnapshotRequest) -> empty_pb2.Empty:
+        before = self.engine.get(request.key)
         await self.engine.remove(request.key)
+        await self._tell(before)
         return empty_pb2.Empty()
 
     @answered("Stat", _key)
     async def stat(self, request: api.StatSnapshotRequest) -> api.StatSnapshotResponse:
         return api.StatSnapshotResponse(info=info_message(await self.engine.stat(request.key)))
 
-    @answered("Update", lambda request: repr(request.info.name))
+    @answered("Update", lambda request: shown(request.info.name))
     async def update(self, request: api.UpdateSnapshotRequest) -> api.UpdateSnapshotResponse:
         name, given = request.info.name, request.info.labels
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
@@ -122,15 +155,15 @@ class SnapshotsService:
                 label = path.removeprefix("labels.")
                 changes[label] = given.get(label) or None
             else:
-                raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "Update", repr(name),
-                             f"cannot update {path!r} field on snapshot {name!r}: only "
-                             "labels can change")
+                raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "Update", shown(name),
+                             f"cannot update {shown(path)} field on snapshot {shown(name)}: "
+                             "only labels can change")
         if replace_all:
             changes = {**labels_of(given), **changes}
         info = await self.engine.update(name, changes, replace_all=replace_all)
         return api.UpdateSnapshotResponse(info=info_message(info))
 
-    @answered("List", lambda request: repr(list(request.filters)))
+    @answered("List", lambda request: shown(",".join(request.filters)))
     async def list(self, request: api.ListSnapshotsRequest) -> list[api.ListSnapshotsResponse]:
         infos = [info_message(info) for info in await self.engine.walk(*request.filters)]
         return [api.ListSnapshotsResponse(info=infos[start:start + LIST_BATCH])

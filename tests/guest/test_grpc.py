@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 
 from dmfs.grpc.proto import snapshots_pb2 as api
 from tests.support.grpc_client import SnapshotsClient, mounted
-from tests.support.loop_pool import LoopPool
+from tests.support.loop_pool import LoopPool, loop_pool
 from tests.support.tree import MountedTree, as_user, dmfs, wait_until, write_config
 
 Code = grpc.StatusCode
@@ -33,35 +35,79 @@ ADMIN_GID = 4242
 NOBODY = 65534
 
 
-@pytest.fixture
-def socket_path(scratch_dir: Path) -> Path:
-    return scratch_dir / "run" / "grpc" / "snapshots.sock"
-
-
-def grpc_tree(pool: LoopPool, scratch_dir: Path, socket_path: Path,
-              **settings: object) -> MountedTree:
-    config = write_config(scratch_dir, pool.name, grpc_address=str(socket_path),
-                          admin_group=ADMIN_GID, **settings)
-    return MountedTree(config, scratch_dir / "mnt", scratch_dir / "run")
-
-
-@pytest.fixture
-def tree(thin_pool: LoopPool, scratch_dir: Path, socket_path: Path) -> Iterator[MountedTree]:
-    mounted_tree = grpc_tree(thin_pool, scratch_dir, socket_path)
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[MountedTree, LoopPool, Path]]:
+    """One pool and one daemon for the module (a mount costs seconds in the guest):
+    the tree, its pool and the socket's path.  Each test starts with an empty pool
+    (the ``client`` fixture empties it after each); at the end, ``dmfs check`` of
+    everything the tests did must find no problem."""
+    scratch = Path(tempfile.mkdtemp(prefix="dmfs-test-", dir="/dev/shm"))
+    scratch.chmod(0o755)  # tests act as other users under it
     try:
-        mounted_tree.mount()
-        yield mounted_tree
+        with loop_pool(scratch) as pool:
+            socket_path = scratch / "run" / "grpc" / "snapshots.sock"
+            config = write_config(scratch, pool.name, grpc_address=str(socket_path),
+                                  admin_group=ADMIN_GID, idle_timeout="1s")
+            tree = MountedTree(config, scratch / "mnt", scratch / "run")
+            try:
+                tree.mount()
+                yield tree, pool, socket_path
+                tree.unmount()
+                assert not socket_path.exists()  # removed at exit
+                check = dmfs("check", str(config)).stdout
+                assert "problem" not in check.lower(), check
+            finally:
+                tree.cleanup()
     finally:
-        mounted_tree.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture
+def tree(shared: tuple[MountedTree, LoopPool, Path]) -> MountedTree:
+    """The module's tree, mounted (a test before may have stopped it)."""
+    if not shared[0].is_mounted():
+        shared[0].mount()
+    return shared[0]
+
+
+@pytest.fixture
+def thin_pool(shared: tuple[MountedTree, LoopPool, Path]) -> LoopPool:
+    return shared[1]
+
+
+@pytest.fixture
+def socket_path(shared: tuple[MountedTree, LoopPool, Path]) -> Path:
+    return shared[2]
+
+
+@pytest.fixture
+def scratch_dir(shared: tuple[MountedTree, LoopPool, Path]) -> Iterator[Path]:
+    """A directory of this test's own, for the client's mountpoints."""
+    path = Path(tempfile.mkdtemp(prefix="test-", dir=shared[0].config.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 def client(tree: MountedTree, socket_path: Path) -> Iterator[SnapshotsClient]:
+    """A client of the module's daemon; afterwards every snapshot is removed
+    (children first), so that the next test starts from an empty pool."""
     snapshots = SnapshotsClient(socket_path)
     try:
         yield snapshots
     finally:
         snapshots.close()
+        if not tree.is_mounted():
+            tree.mount()
+        with SnapshotsClient(socket_path) as cleaner:
+            while left := cleaner.list():
+                parents = {info.parent for info in left}
+                for info in left:
+                    if info.name not in parents:
+                        cleaner.remove(info.name)
+            cleaner.cleanup()
 
 
 def node(tree: MountedTree, *keys: str) -> Path:
@@ -100,7 +146,11 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
         os.sync()
         assert (node(tree, key) / "fs" / "layer-file").read_text() == "from the client\n"
     assert client.usage(key).size > 0
+    by_name = tree.path(".dmfs", "by-name", node(tree, key).name)
+    assert by_name.is_symlink() and stat.S_IMODE(node(tree, key).stat().st_mode) == 0o755
     client.commit("default/2/sha256:aaa", key, **ref)
+    # the kernel held the old name (entries are cached for minutes): the tree told it
+    assert not os.path.lexists(node(tree, key)) and not os.path.lexists(by_name)
     committed = client.stat("default/2/sha256:aaa")
     assert (committed.kind, dict(committed.labels)) == (api.COMMITTED, ref)
     assert client.refused("Stat", api.StatSnapshotRequest(key=key))[0] is Code.NOT_FOUND
@@ -154,9 +204,8 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
         client.remove(key)
     client.cleanup()
     assert client.list() == [] and snapshots_json(tree) == {}
+    assert not os.path.lexists(base)  # looked up before: the removal reached the kernel
     assert sorted(os.listdir(tree.mountpoint)) == [".dmfs"]
-    tree.unmount()
-    assert "problem" not in dmfs("check", str(tree.config)).stdout.lower()
 
 
 @pytest.mark.no_udev_only
@@ -200,88 +249,64 @@ def test_errors_as_containerd_expects_them(tree: MountedTree, client: SnapshotsC
     assert client.stat("work").kind == api.ACTIVE  # still serving, nothing changed
 
 
-@pytest.mark.no_udev_only
-def test_a_failing_pool_is_unavailable(thin_pool: LoopPool, scratch_dir: Path,
-                                       socket_path: Path) -> None:
-    tree = grpc_tree(thin_pool, scratch_dir, socket_path)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("DMFS_FAILPOINT", "fs:mount=EIO*1")
-            tree.mount()
-        client = SnapshotsClient(socket_path)
-        code, message = client.refused("Prepare", api.PrepareSnapshotRequest(key="a"))
-        assert code is Code.UNAVAILABLE and "injected fault" in message
-        assert client.prepare("a")  # the fault fired once; nothing was left behind
-        client.close()
-    finally:
-        tree.cleanup()
-
-
-def test_a_device_the_client_holds(thin_pool: LoopPool, scratch_dir: Path,
-                                   socket_path: Path) -> None:
+def test_a_device_the_client_holds(tree: MountedTree, client: SnapshotsClient,
+                                   scratch_dir: Path, socket_path: Path) -> None:
     """Remove and Commit refuse and change nothing while the client has the device
-    mounted or open; idle expiry unmounts dmfs's own mount only; a restart leaves
-    the client's mount alone; nothing is ever Faulty."""
-    tree = grpc_tree(thin_pool, scratch_dir, socket_path, idle_timeout="1s")
-    try:
-        tree.mount()
-        client = SnapshotsClient(socket_path)
-        client.prepare("layer")
-        client.commit("base", "layer")
-        [active] = client.prepare("work", "base")
-        [view] = client.view("look", "base")
-        journal = scratch_dir / "state"
-        with mounted([active], scratch_dir / "c-work"):
-            before = journal_files(journal), snapshots_json(tree)
-            for method, request in (
-                    ("Remove", api.RemoveSnapshotRequest(key="work")),
-                    ("Commit", api.CommitSnapshotRequest(name="work-c", key="work"))):
-                code, message = client.refused(method, request)
-                assert code is Code.FAILED_PRECONDITION, (method, message)
-                assert "outside dmfs" in message
-            assert (journal_files(journal), snapshots_json(tree)) == before
-            # dmfs's own mount of it is still there and writable
-            (node(tree, "base", "work") / "fs" / "still").write_text("rw\n")
-        client.commit("work-c", "work")  # once the client let go
+    mounted or open; idle expiry (1 s here) unmounts dmfs's own mount only; a
+    restart leaves the client's mount alone; nothing is ever Faulty."""
+    client.prepare("layer")
+    client.commit("base", "layer")
+    [active] = client.prepare("work", "base")
+    [view] = client.view("look", "base")
+    journal = tree.config.parent / "state"
+    with mounted([active], scratch_dir / "c-work"):
+        before = journal_files(journal), snapshots_json(tree)
+        for method, request in (
+                ("Remove", api.RemoveSnapshotRequest(key="work")),
+                ("Commit", api.CommitSnapshotRequest(name="work-c", key="work"))):
+            code, message = client.refused(method, request)
+            assert code is Code.FAILED_PRECONDITION, (method, message)
+            assert "outside dmfs" in message
+        assert (journal_files(journal), snapshots_json(tree)) == before
+        # dmfs's own mount of it is still there and writable
+        (node(tree, "base", "work") / "fs" / "still").write_text("rw\n")
+    client.commit("work-c", "work")  # once the client let go
 
-        with mounted([view], scratch_dir / "c-look") as files:
-            # dmfs's mount of the same device beside the client's (one superblock)
-            assert os.listdir(node(tree, "base", "look") / "fs") == os.listdir(files)
-            own = scratch_dir / "run" / "snapshots"
-            wait_until(lambda: not any(p.is_mount() for p in own.iterdir()), 30,
-                       "idle expiry of dmfs's own mounts")
-            assert os.listdir(files) is not None and Path(view.source).exists()
-            assert xattr(node(tree, "base", "look"), "user.dmfs.state") == "Activated"
-            assert client.refused("Remove", api.RemoveSnapshotRequest(key="look"))[0] is \
-                Code.FAILED_PRECONDITION
-            # a stop and a start while the client holds it: left live, no problem
-            tree.unmount()
-            assert Path(view.source).exists()
-            check = dmfs("check", str(tree.config)).stdout
-            assert "problem" not in check.lower(), check
-            tree.mount()
-            assert os.listdir(files) is not None
-        client.close()
-        client = SnapshotsClient(socket_path)
+    with mounted([view], scratch_dir / "c-look") as files:
+        # dmfs's mount of the same device beside the client's (one superblock)
+        assert os.listdir(node(tree, "base", "look") / "fs") == os.listdir(files)
+        own = tree.runtime_dir / "snapshots"
+        wait_until(lambda: not any(p.is_mount() for p in own.iterdir()), 30,
+                   "idle expiry of dmfs's own mounts")
+        assert os.listdir(files) is not None and Path(view.source).exists()
+        assert xattr(node(tree, "base", "look"), "user.dmfs.state") == "Activated"
+        assert client.refused("Remove", api.RemoveSnapshotRequest(key="look"))[0] is \
+            Code.FAILED_PRECONDITION
+        # a stop and a start while the client holds it: left live, no problem
+        tree.unmount()
+        assert Path(view.source).exists() and not socket_path.exists()
+        check = dmfs("check", str(tree.config)).stdout
+        assert "problem" not in check.lower(), check
+        tree.mount()
+        assert os.listdir(files) is not None
+    with SnapshotsClient(socket_path) as again:
         # held open by a process, not mounted: refused after the bounded wait
         holder = os.open(view.source, os.O_RDONLY)
         try:
-            assert client.refused("Remove", api.RemoveSnapshotRequest(key="look"))[0] is \
+            assert again.refused("Remove", api.RemoveSnapshotRequest(key="look"))[0] is \
                 Code.FAILED_PRECONDITION
         finally:
             os.close(holder)
-        client.remove("look")
-        states = {name: entry["state"] for name, entry in snapshots_json(tree).items()}
-        assert "Faulty" not in states.values(), states
-        assert "Traceback" not in tree.log()
-        client.close()
-    finally:
-        tree.cleanup()
+        again.remove("look")
+    states = {name: entry["state"] for name, entry in snapshots_json(tree).items()}
+    assert "Faulty" not in states.values(), states
+    assert "Traceback" not in tree.log()
 
 
 @pytest.mark.no_udev_only
-def test_only_root_and_the_admin_group_may_connect(tree: MountedTree, client: SnapshotsClient,
-                                                   socket_path: Path) -> None:
+def test_who_may_connect_and_a_killed_daemons_socket(tree: MountedTree,
+                                                     client: SnapshotsClient,
+                                                     socket_path: Path) -> None:
     info = socket_path.stat()
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
     assert (info.st_uid, info.st_gid) == (0, ADMIN_GID)
@@ -302,11 +327,15 @@ def test_only_root_and_the_admin_group_may_connect(tree: MountedTree, client: Sn
     os.kill(tree.pid, signal.SIGKILL)
     tree.wait_stopped()
     assert stat.S_ISSOCK(socket_path.lstat().st_mode)
-    tree.mount()
-    client.close()
-    again = SnapshotsClient(socket_path)
-    assert again.stat("a").kind == api.ACTIVE
-    again.close()
+    with pytest.MonkeyPatch.context() as patch:  # and its first mount of a snapshot fails
+        patch.setenv("DMFS_FAILPOINT", "fs:mount=EIO*1")
+        tree.mount()
+    with SnapshotsClient(socket_path) as again:
+        assert again.stat("a").kind == api.ACTIVE
+        # a failing pool (here: the mount of the new snapshot) is UNAVAILABLE
+        code, message = again.refused("Prepare", api.PrepareSnapshotRequest(key="b"))
+        assert code is Code.UNAVAILABLE and "injected fault" in message
+        assert again.prepare("b")  # the fault fired once; nothing was left behind
 
 
 def test_concurrent_requests_and_mkdir(tree: MountedTree, client: SnapshotsClient,
@@ -351,5 +380,3 @@ def test_concurrent_requests_and_mkdir(tree: MountedTree, client: SnapshotsClien
     names = sorted(i.name for i in client.list())
     assert names == ["base", "contested"] == sorted(snapshots_json(tree))
     assert sorted(os.listdir(node(tree, "base"))) == ["contested", "fs"]
-    tree.unmount()
-    assert "problem" not in dmfs("check", str(tree.config)).stdout.lower()

@@ -54,6 +54,9 @@ class FakeEngine:
     def _stamp(self) -> str:
         return f"2026-01-01T00:00:{next(self._clock) % 60:02d}.000001Z"
 
+    def get(self, key: str) -> Info | None:
+        return self.snapshots.get(key)
+
     def _get(self, key: str) -> Info:
         try:
             return self.snapshots[key]

@@ -28,6 +28,12 @@ class SnapshotsClient:
     def close(self) -> None:
         self.channel.close()
 
+    def __enter__(self) -> SnapshotsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def call(self, method: str, request: Any, timeout: float = 60) -> Any:
         answer = getattr(self.stub, method)(request, timeout=timeout)
         return list(answer) if method == "List" else answer

@@ -117,3 +117,62 @@ def test_no_link_invalidation_reaches_pyfuse3_once_its_session_closes() -> None:
 
     trio.run(drop_then_close)
     assert invalidated == [link]
+
+
+def test_a_change_made_elsewhere_refreshes_names_and_attributes_until_the_session_closes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What the tree asks the kernel to forget after containerd's socket committed
+    or removed a snapshot: its name under its parent (if the kernel holds the
+    parent) and in by-name, and the node's and parent's attributes; ENOENT (an
+    entry the kernel does not hold) is no problem, other errors a warning."""
+    from types import SimpleNamespace
+
+    from dmfs.fuse import inodes
+    from dmfs.fuse.inodes import EntryRole
+    from dmfs.fuse.operations import DmfsOperations
+    from dmfs.pool import DeviceState, Info, Kind
+
+    def info(key: str, parent: str | None, device_id: int) -> Info:
+        return Info(key=key, kind=Kind.COMMITTED, parent=parent, labels={},
+                    created="2026-01-01T00:00:00", updated="2026-01-01T00:00:00",
+                    device_id=device_id, state=DeviceState.DEACTIVATED, mountpoint=None)
+
+    base, child = info("base", None, 5), info("ns/child", "base", 6)
+    engine = SimpleNamespace(before_unmount=None, get={"base": base}.get)
+    operations = DmfsOperations(engine)  # type: ignore[arg-type]
+    calls: list[tuple[object, ...]] = []
+
+    def entry(parent: int, name: bytes) -> None:
+        calls.append(("entry", parent, name))
+        if parent == inodes.BY_NAME_DIR:
+            raise OSError(2, "not cached")
+
+    def attributes(inode: int) -> None:
+        calls.append(("attr", inode))
+        raise OSError(5, "I/O error")
+
+    operations.links = linkcache.LinkInvalidator(operations.inodes, print, entry, attributes)
+    base_inode = operations.inodes.inode(EntryRole.NODE, base.identity)
+    child_inode = operations.inodes.inode(EntryRole.NODE, child.identity)
+
+    async def changes() -> None:
+        await operations.changed_elsewhere(child)  # the kernel holds neither node
+        assert calls == [("entry", inodes.BY_NAME_DIR, b"ns%2Fchild")]
+        calls.clear()
+        operations.inodes.looked_up(base_inode)
+        operations.inodes.looked_up(child_inode)
+        await operations.changed_elsewhere(child)
+        assert calls == [("entry", inodes.BY_NAME_DIR, b"ns%2Fchild"),
+                         ("entry", base_inode, b"ns%2Fchild"),
+                         ("attr", child_inode), ("attr", base_inode)]
+        calls.clear()
+        await operations.changed_elsewhere(base)  # parentless: the root's entry
+        assert ("entry", inodes.ROOT, b"base") in calls
+        calls.clear()
+        await operations.links.session_closing()
+        await operations.changed_elsewhere(child)
+        assert calls == []
+
+    trio.run(changes)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("I/O error" in w for w in warnings)

@@ -27,6 +27,7 @@ from dmfs.pool import (
     AlreadyExists,
     FailedPrecondition,
     HasChildren,
+    Info,
     InUse,
     InvalidArgument,
     JournalCorrupt,
@@ -205,6 +206,33 @@ async def test_remove_and_cleanup(client: Client, engine: FakeEngine) -> None:
     assert engine.calls[-1][0] == "cleanup"
 
 
+async def test_commit_and_remove_tell_the_tree(engine: FakeEngine, socket_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The tree hears of each Commit and Remove with the snapshot as it was; a
+    listener that fails costs a log line, never the change."""
+    told: list[tuple[str, str]] = []
+
+    async def changed(before: Info) -> None:
+        told.append((before.key, before.kind.value))
+        if before.key == "b":
+            raise RuntimeError("the tree is gone")
+
+    async with snapshots_api(engine, socket_path, None, changed):  # type: ignore[arg-type]
+        client = Client(socket_path)
+        try:
+            await client("Prepare", api.PrepareSnapshotRequest(key="a"))
+            await client("Commit", api.CommitSnapshotRequest(name="b", key="a"))
+            await client("Update", update("b", ["labels.k"], k="v"))
+            await client("Remove", api.RemoveSnapshotRequest(key="b"))  # the listener fails
+            assert (await client.code("Remove", api.RemoveSnapshotRequest(key="b")))[0] is \
+                Code.NOT_FOUND
+        finally:
+            client.channel.close()
+    assert told == [("a", "active"), ("b", "committed")]
+    assert engine.snapshots == {}
+    assert "telling the tree of the change to snapshot 'b' failed" in caplog.text
+
+
 async def test_what_containerds_unpacker_relies_on(client: Client) -> None:
     assert (await client.code("Stat", api.StatSnapshotRequest(key="missing")))[0] is \
         Code.NOT_FOUND
@@ -304,6 +332,61 @@ async def test_garbage_and_huge_requests_leave_the_service_serving(
         raw_socket.connect(os.fspath(socket_path))
         raw_socket.sendall(b"GET / HTTP/1.1\r\n\r\n" + os.urandom(256))
     assert (await client("Prepare", api.PrepareSnapshotRequest(key="fine"))).mounts
+
+
+async def test_huge_values_are_refused_in_short_lines(client: Client, engine: FakeEngine,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A 3 MiB key or field path (under grpc's 4 MiB limit) is answered with a short
+    message and logged in a short line: the status travels in a trailer that
+    clients cap, and the log should not grow by megabytes."""
+    huge = "k" * (3 * 2**20)
+    await client("Prepare", api.PrepareSnapshotRequest(key="a"))
+    engine.fail("prepare", InvalidArgument(f"snapshot key {huge!r} is too long"))
+    for method, request in (("Stat", api.StatSnapshotRequest(key=huge)),
+                            ("Update", update("a", ["labels.k", huge], k="v")),
+                            ("Prepare", api.PrepareSnapshotRequest(key=huge))):
+        caplog.clear()
+        code, message = await client.code(method, request)
+        assert code in (Code.NOT_FOUND, Code.INVALID_ARGUMENT), (method, code)
+        assert len(message) < 2000, (method, len(message))
+        [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(line) < 2500, (method, len(line))
+    assert (await client("Stat", api.StatSnapshotRequest(key="a"))).info.name == "a"
+
+
+async def test_a_client_that_gives_up_leaves_the_service_serving(
+        client: Client, engine: FakeEngine, socket_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A deadline that passes while the engine works, and a List stream the client
+    cancels after its first message: the engine's work ends as it would have, and
+    nothing is logged as an error."""
+    for number in range(250):
+        await client("Prepare", api.PrepareSnapshotRequest(key=f"s{number:03}"))
+    engine.gate = trio.Event()
+    with caplog.at_level(logging.WARNING, logger="dmfs.grpc"), \
+            pytest.raises(grpc.RpcError) as gave_up:
+        await client("Prepare", api.PrepareSnapshotRequest(key="late"), timeout=0.5)
+    assert gave_up.value.code() is Code.DEADLINE_EXCEEDED
+    with trio.fail_after(10):  # the request reached the engine and waits there
+        while not any(c[:2] == ("prepare", ("late", None, {})) for c in engine.calls):
+            await trio.sleep(0.01)
+    engine.gate.set()
+    engine.gate = None
+
+    def read_one_then_cancel() -> int:
+        call = client.stub.List(api.ListSnapshotsRequest(), timeout=30)
+        first = next(call)
+        call.cancel()
+        return len(first.info)
+
+    assert await trio.to_thread.run_sync(read_one_then_cancel) == 100
+    # the late prepare finished in the engine after its client had gone
+    with trio.fail_after(10):
+        while "late" not in engine.snapshots:
+            await trio.sleep(0.01)
+    answers = await client("List", api.ListSnapshotsRequest())
+    assert sum(len(a.info) for a in answers) == 251
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_unknown_kinds_and_odd_values_are_answered(client: Client) -> None:
