@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import pyfuse3
+import trio
 
 from dmfs.fuse import coherence, control, inodes, linkcache, requests, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe, refuse
@@ -49,8 +50,7 @@ class DmfsOperations(pyfuse3.Operations):
     enable_cache_symlinks = linkcache.PYFUSE3_CAN_ASK
 
     def __init__(self, engine: Snapshotter, admin_gid: int | None = None,
-                 on_change: Callable[[int], None] | None = None,
-                 on_entry_change: Callable[[int, bytes, int], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.admin_gid = admin_gid
@@ -60,18 +60,18 @@ class DmfsOperations(pyfuse3.Operations):
         self._open_files: dict[int, bytes] = {}
         self._control_sizes: dict[int, int] = {}
         self._next_fh = 1
-        # How attribute and entry changes reach the kernel; tests may replace them.
-        # Attributes are invalidated on this thread: with attr_only the kernel
-        # only bumps the inode's attribute version and takes no lock that a
-        # request holds.  Entries are invalidated from pyfuse3's own thread: the
-        # kernel takes the directory's lock, which a request waiting for this
-        # very loop may hold (a mkdir in that directory), so a call here could
-        # deadlock the daemon.
+        # How the handlers' attribute changes reach the kernel; tests may replace
+        # it.  On this thread: with attr_only the kernel only bumps the inode's
+        # attribute version and takes no lock that a request holds.  What other
+        # front ends change reaches the kernel through follow_engine, in a
+        # worker thread (self.links.refresh: an entry's invalidation takes the
+        # directory's lock, which a request waiting for this loop may hold).
         self._invalidate = on_change or (lambda inode: pyfuse3.invalidate_inode(
             inode, attr_only=True))
-        self._invalidate_entry = on_entry_change or (
-            lambda parent, name, deleted: pyfuse3.invalidate_entry_async(
-                parent, name, deleted=deleted, ignore_enoent=True))
+        #: the state version whose changes the kernel has been told of
+        self._kernel_version: int = getattr(engine, "state_version", 0)
+        self._kernel_told = trio.Event()
+        self._following = False
         self.requests: Counter[str] = Counter()  # by handler (requests.counted)
         self.links = linkcache.LinkInvalidator(
             self.inodes, lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False))
@@ -84,21 +84,15 @@ class DmfsOperations(pyfuse3.Operations):
 
     async def changed_elsewhere(self, before: Info) -> None:
         """Another front end (containerd's socket) committed or removed the
-        snapshot that was ``before``: the kernel may hold its old name under its
-        parent and in by-name (entries live NODE_TIMEOUT seconds) and the old
-        attributes of the node and its parent (mode, link count); make it ask."""
-        name = os.fsencode(encode_key(before.key))
-        parent_inode: int | None = inodes.ROOT
-        if before.parent is not None:
-            parent = self.engine.get(before.parent)
-            parent_inode = (self.inodes.known_to_kernel(EntryRole.NODE, parent.identity)
-                            if parent is not None else None)
-        entries = [(inodes.BY_NAME_DIR, name)]
-        if parent_inode is not None:
-            entries.append((parent_inode, name))
-        node_inode = self.inodes.known_to_kernel(EntryRole.NODE, before.identity)
-        attributes = [i for i in (node_inode, parent_inode) if i not in (None, inodes.ROOT)]
-        await self.links.refresh(entries, attributes)  # type: ignore[arg-type]
+        snapshot that was ``before``: return once the kernel has been told what
+        that made stale (:meth:`follow_engine` does the telling, for every
+        change; this only waits for it), so that a client that looks at the tree
+        after its request was answered never sees the old name."""
+        if not self._following:
+            return  # no kernel to tell (not mounted, or the session is over)
+        target = self.engine.state_version
+        while self._following and self._kernel_version < target:
+            await self._kernel_told.wait()
 
     async def _unmount_coming(self, device_id: int) -> None:
         """The engine is about to take a snapshot's files away (its hook)."""
@@ -473,33 +467,39 @@ class DmfsOperations(pyfuse3.Operations):
     async def follow_engine(self) -> None:
         """For the mount's life: after every change of the engine's state, by
         whoever made it, invalidate what the kernel caches that is no longer so
-        (:mod:`dmfs.fuse.coherence`).  Never raises: a failure is logged and the
-        next change tries again."""
-        version = self.engine.state_version
-        while True:
-            since, version = version, await self.engine.changed(version)
-            try:
-                self.refresh_kernel_caches(self.engine.touched_since(since))
-            except Exception:
-                log.exception("unexpected error bringing the kernel's caches up to date "
-                              "(ignored)")
+        (:mod:`dmfs.fuse.coherence`), in a worker thread and never once the
+        session closes (``self.links.refresh``).  Never raises: a failure is
+        logged and the next change tries again."""
+        version = self._kernel_version = self.engine.state_version
+        self._following = True
+        try:
+            while True:
+                since, version = version, await self.engine.changed(version)
+                try:
+                    await self.refresh_kernel_caches(self.engine.touched_since(since))
+                except Exception:
+                    log.exception("unexpected error bringing the kernel's caches up to date "
+                                  "(ignored)")
+                self._kernel_version = version
+                self._kernel_told.set()
+                self._kernel_told = trio.Event()
+        finally:
+            self._following = False
+            self._kernel_told.set()
 
-    def refresh_kernel_caches(self, touched: tuple[set[int], set[str | None]] | None = None
-                              ) -> None:
+    async def refresh_kernel_caches(self, touched: tuple[set[int], set[str | None]] | None = None
+                                    ) -> None:
         """Invalidate what the kernel holds that a change of the nodes ``touched``
         (the engine's ``touched_since``; None: any node) made stale."""
         found = coherence.stale(self.ns, touched)
-        for parent, name, inode, removed in found.entries:
+        for parent, name, _, removed in found.entries:
             log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
                       "removed" if removed else "renamed")
-            self._invalidate_entry(parent, name, inode if removed else 0)
-        for inode in found.attributes:
-            try:
-                self._invalidate(inode)
-            except OSError as error:  # the kernel forgot it meanwhile
-                log.debug("invalidating the attributes of inode %d: %s", inode, error)
         for identity in found.gone:
             self.inodes.snapshot_gone(identity)
+        if found.entries or found.attributes:
+            await self.links.refresh([(parent, name) for parent, name, _, _ in found.entries],
+                                     found.attributes)
 
     # ------------------------------------------------------------------ misc
     @failsafe

@@ -7,6 +7,9 @@ import os
 import stat
 from dataclasses import replace
 
+import trio
+import trio.testing
+
 from dmfs.fuse import coherence, inodes
 from dmfs.fuse.containerd import ContainerdName, containerd_name
 from dmfs.fuse.inodes import EntryRole
@@ -241,3 +244,68 @@ def test_a_link_whose_target_changes_gets_a_new_inode() -> None:
     ns.inodes.forget(old_link, 1, still_exists=True)  # the snapshot lives on
     assert ns.inodes.get(old_link) is None
     assert ns.inodes.get(new_link) is not None
+
+
+class FollowedEngine(VersionedEngine):
+    """The versioned fake with the change signal the view follows."""
+
+    def __init__(self, *infos: Info) -> None:
+        super().__init__(*infos)
+        self.before_unmount = None
+        self._changed = trio.Event()
+
+    def add(self, snapshot: Info) -> None:
+        super().add(snapshot)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def drop(self, key: str) -> None:
+        super().drop(key)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def changed(self, since: int) -> int:
+        while self.state_version == since:
+            await self._changed.wait()
+        return self.state_version
+
+    def touched_since(self, version: int) -> None:
+        return None  # compare everything
+
+
+def test_a_change_elsewhere_is_answered_once_the_kernel_was_told() -> None:
+    """The socket's Commit and Remove wait (changed_elsewhere) until the view's
+    follower has told the kernel, in a worker thread, of what the change made
+    stale; after the session closes nobody waits and nothing is sent."""
+    from dmfs.fuse import linkcache
+    from dmfs.fuse.operations import DmfsOperations
+
+    engine = FollowedEngine(*containerd_pool().infos.values())
+    operations = DmfsOperations(engine)  # type: ignore[arg-type]
+    told: list[tuple[str, object]] = []
+    operations.links = linkcache.LinkInvalidator(
+        operations.inodes, lambda inode: None,
+        lambda parent, name: told.append(("entry", (parent, name))),
+        lambda inode: told.append(("attr", inode)))
+    ns = operations.ns
+    ns.fixed_attrs(inodes.ROOT)
+    base = held(ns, inodes.ROOT, b"base")
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(operations.follow_engine)
+            await trio.testing.wait_all_tasks_blocked()
+            before = engine.infos["base"]
+            engine.drop("base")  # what the socket's Remove did
+            await operations.changed_elsewhere(before)
+            assert told == [("entry", (inodes.ROOT, b"base")), ("attr", inodes.ROOT)]
+            assert base in [e.inode for e in ns.inodes.entries(EntryRole.NODE)]  # still held
+            await operations.links.session_closing()
+            told.clear()
+            engine.add(info("later", 20))
+            await trio.testing.wait_all_tasks_blocked()
+            assert told == []  # the session is over: nothing reaches pyfuse3
+            nursery.cancel_scope.cancel()
+        await operations.changed_elsewhere(before)  # the follower is gone: no waiting
+
+    trio.run(scenario)
