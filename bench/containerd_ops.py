@@ -69,8 +69,6 @@ OPERATIONS = ("prepare-parentless", "commit", "prepare-child", "remove-active",
               "remove-committed")
 TARGET_RATIO = 10.0
 LOG_POLL = 0.002
-#: what containerd logs (at debug level) when a garbage collection has ended
-GC_DONE = re.compile(r'msg="garbage collected"')
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -148,7 +146,10 @@ def collection_over(target: Target, log: LogWatch) -> None:
     containerd's scheduler ignores a removal made while a collection runs, so
     the next one would wait for a collection that never comes."""
     if target.collected_by is not None:
-        log.wait_for(GC_DONE)
+        done = re.compile(r'msg="snapshot garbage collected".* snapshotter='
+                          + re.escape(target.collected_by) + r"\b")
+        with contextlib.suppress(TimeoutError):  # logged before the removal's line
+            log.wait_for(done, timeout=5.0)
 
 
 def measure_operations(targets: list[Target], log: LogWatch, iterations: int,

@@ -135,6 +135,7 @@ class LinkInvalidator:
         self._invalidate_entry = invalidate_entry
         self._invalidate_attributes = invalidate_attributes
         self._lock = trio.Lock()  # held while an invalidation runs in a worker thread
+        self._refresh_lock = trio.Lock()  # the same for refresh
         self._closing = False
 
     async def drop(self, identity: Identity) -> None:
@@ -172,12 +173,14 @@ class LinkInvalidator:
                         log.warning("the kernel may keep a stale entry or attributes (%s): %s",
                                     args, error)
 
-        async with self._lock:
+        # Its own lock: an entry's invalidation waits for the directory's lock,
+        # which a rename holds while its handler drops a link (self._lock).
+        async with self._refresh_lock:
             if not self._closing:
                 await trio.to_thread.run_sync(invalidate_all)
 
     async def session_closing(self) -> None:
         """No invalidation may reach pyfuse3 once its session is closed: wait
-        for one under way, refuse the later ones."""
-        async with self._lock:
+        for those under way, refuse the later ones."""
+        async with self._lock, self._refresh_lock:
             self._closing = True
