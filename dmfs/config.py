@@ -72,6 +72,8 @@ class Config:
     allow_other: bool = True
     #: log level name (debug, info, warning, error)
     log_level: str = "info"
+    #: unix socket on which `dmfs mount` also serves containerd's snapshots API; None: off
+    grpc_address: Path | None = None
     #: where the configuration came from, for messages
     source: Path | None = field(default=None, compare=False)
 
@@ -284,6 +286,35 @@ def _admin_group(value: Any) -> str:
     return text
 
 
+#: sockaddr_un's sun_path holds 108 bytes, the terminating NUL included
+MAX_SOCKET_PATH = 107
+
+
+def socket_path_problem(text: str) -> str | None:
+    """Why ``text`` cannot be the path of a unix socket to serve, or None."""
+    if not text.startswith("/"):
+        return (f"{text!r} is not an absolute path (the path of a unix socket, e.g. "
+                "/run/dmfs/pool0/grpc/snapshots.sock)")
+    size = len(text.encode())
+    if size > MAX_SOCKET_PATH:
+        return (f"{text!r} is {size} bytes long; a unix socket's path holds at most "
+                f"{MAX_SOCKET_PATH}")
+    if text.endswith("/"):
+        return f"{text!r} names a directory; give the socket's file name"
+    return None
+
+
+def _grpc_address(value: Any) -> Path | None:
+    # containerd writes socket addresses as paths, some tools as unix:// URLs: both work.
+    text = _string(value).removeprefix("unix://")
+    if text == "":
+        return None
+    problem = socket_path_problem(text)
+    if problem:
+        raise _Invalid(problem)
+    return Path(text)
+
+
 #: Every key a table may hold, with the function that checks and converts its value.
 #: The key is also the name of the Config field it sets.
 _KEYS: dict[str, Callable[[Any], Any]] = {
@@ -303,6 +334,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "admin_group": _admin_group,
     "allow_other": _boolean,
     "log_level": _choice(LOG_LEVELS, "log level"),
+    "grpc_address": _grpc_address,
 }
 REQUIRED_KEYS = ("pool_name", "base_image_size")
 CONFIG_KEYS = tuple(_KEYS)

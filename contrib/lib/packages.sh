@@ -8,6 +8,10 @@ dmfs_runtime_packages=(
 	kmod dmsetup thin-provisioning-tools e2fsprogs xfsprogs util-linux attr patch
 )
 
+# What the guest tests drive dmfs with as a proxy snapshotter (tests/support/containerd.py):
+# containerd and ctr, runc for `ctr run`, and a static busybox as the test image's rootfs.
+dmfs_test_packages=(containerd runc busybox-static)
+
 # install_debian_packages PACKAGE...: apt-get install the ones not installed yet.
 install_debian_packages() {
 	local package missing=()

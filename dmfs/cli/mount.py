@@ -158,10 +158,22 @@ def run_mount(args: argparse.Namespace) -> int:
         dm.close()
     clear_stale_mount(mountpoint)
     mountpoint = require_mountpoint(mountpoint)
+    if config.grpc_address is not None:
+        require_socket_path(config.grpc_address)
     if args.foreground:
         return _serve(config, mountpoint, fuse, on_ready=_notify_ready,
                       on_stopping=lambda: sdnotify.notify("STOPPING=1"))
     return _daemonize(config, mountpoint, fuse)
+
+
+def require_socket_path(path: Path) -> None:
+    """grpc_address can be served (dmfs.grpc.address); EnvironmentProblem otherwise."""
+    from dmfs.grpc.address import SocketProblem, check_socket_path
+
+    try:
+        check_socket_path(path)
+    except SocketProblem as problem:
+        raise EnvironmentProblem(str(problem)) from None
 
 
 def wait_for_exit(pid: int, timeout: float = 60.0) -> bool:

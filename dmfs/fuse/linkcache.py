@@ -125,11 +125,17 @@ class LinkInvalidator:
     the trio loop goes on serving; and never once the FUSE session is closing
     (the engine's idle timer outlives the mount)."""
 
-    def __init__(self, inodes: InodeTable, invalidate: Callable[[int], None]) -> None:
+    def __init__(self, inodes: InodeTable, invalidate: Callable[[int], None],
+                 invalidate_entry: Callable[[int, bytes], None] = pyfuse3.invalidate_entry,
+                 invalidate_attributes: Callable[[int], None] = lambda inode:
+                 pyfuse3.invalidate_inode(inode, attr_only=True)) -> None:
         self.state = LinkCache(False, "not mounted yet")
         self._inodes = inodes
         self._invalidate = invalidate
+        self._invalidate_entry = invalidate_entry
+        self._invalidate_attributes = invalidate_attributes
         self._lock = trio.Lock()  # held while an invalidation runs in a worker thread
+        self._refresh_lock = trio.Lock()  # the same for refresh
         self._closing = False
 
     async def drop(self, identity: Identity) -> None:
@@ -149,8 +155,32 @@ class LinkInvalidator:
                     log.warning("the kernel may keep a stale target for fs link inode %d: %s",
                                 inode, error)
 
+    async def refresh(self, entries: list[tuple[int, bytes]], attributes: list[int]) -> None:
+        """Make the kernel look ``entries`` (directory inode, name) up again and
+        fetch the ``attributes`` of these inodes again: for a change another front
+        end (containerd's socket) made, which no FUSE request told the kernel of.
+        Worker threads and the closing rule as for links; entries the kernel does
+        not hold are skipped (ENOENT)."""
+        def invalidate_all() -> None:  # one worker thread for all: each hop costs
+            calls: list[tuple[Callable[..., None], tuple[object, ...]]] = [
+                (self._invalidate_entry, entry) for entry in entries]
+            calls += [(self._invalidate_attributes, (inode,)) for inode in attributes]
+            for call, args in calls:
+                try:
+                    call(*args)
+                except OSError as error:
+                    if error.errno != errno.ENOENT:
+                        log.warning("the kernel may keep a stale entry or attributes (%s): %s",
+                                    args, error)
+
+        # Its own lock: an entry's invalidation waits for the directory's lock,
+        # which a rename holds while its handler drops a link (self._lock).
+        async with self._refresh_lock:
+            if not self._closing:
+                await trio.to_thread.run_sync(invalidate_all)
+
     async def session_closing(self) -> None:
         """No invalidation may reach pyfuse3 once its session is closed: wait
-        for one under way, refuse the later ones."""
-        async with self._lock:
+        for those under way, refuse the later ones."""
+        async with self._lock, self._refresh_lock:
             self._closing = True

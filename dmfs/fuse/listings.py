@@ -70,15 +70,23 @@ class Listings:
         """A handle for listing directory ``inode`` (opendir's answer): with the
         flags that let the kernel cache the listing when pyfuse3 can send them.
         ENOTDIR for a link, ENOENT for an inode that is gone."""
+        containerd = self.ns.containerd_entries(inode) is not None
         if inode not in (inodes.ROOT, inodes.CONTROL_DIR, inodes.BY_NAME_DIR) \
-                and self.ns.node(inode) is None:
+                and not containerd and self.ns.node(inode) is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR if self.ns.snapshot(inode) else errno.ENOENT)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = _Listing(inode)
-        if not self.cache:
+        # .dmfs/containerd's names come from labels, whose changes move no mtime:
+        # listed by the daemon every time (they are small).
+        if not self.cache or containerd:
             return fh
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+
+    def directory_of(self, fh: int) -> int:
+        """The directory an open handle lists (the root for an unknown handle)."""
+        listing = self._open.get(fh)
+        return listing.inode if listing is not None else inodes.ROOT
 
     async def entries(self, fh: int, start: int) -> list[tuple[bytes, int]]:
         """The (name, inode) entries of an open directory; computed again at
@@ -100,9 +108,11 @@ class Listings:
         if inode == inodes.CONTROL_DIR:
             return sorted(CONTROL_ENTRIES.items())
         if inode == inodes.BY_NAME_DIR:
-            return [(os.fsencode(encode_key(info.key)),
-                     ns.inodes.inode(EntryRole.BY_NAME, info.identity))
+            return [(os.fsencode(encode_key(info.key)), ns.link_inode(EntryRole.BY_NAME, info))
                     for info in await ns.engine.walk()]
+        containerd = ns.containerd_entries(inode)
+        if containerd is not None:
+            return containerd
         node = ns.node(inode)
         if node is None:
             return []  # removed since opendir: an empty directory, as rmdir leaves it

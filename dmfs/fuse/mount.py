@@ -1,10 +1,12 @@
 """Serving the tree: engine, FUSE mount and signals in one trio run.
 
 The shape is s3ql's: the engine's context encloses an exit stack in which the
-FUSE mount registers its own teardown, and SIGTERM / SIGINT / SIGHUP are routed
-to ``pyfuse3.terminate()``.  However serving ends (a signal, ``umount`` of the
-mountpoint, an error), the FUSE mount goes first, then the engine unmounts
-every snapshot, leaves each device in a recorded state and closes the journal.
+FUSE mount (and containerd's snapshots API, when ``grpc_address`` is set)
+registers its own teardown, and SIGTERM / SIGINT / SIGHUP are routed to
+``pyfuse3.terminate()``.  However serving ends (a signal, ``umount`` of the
+mountpoint, an error), the FUSE mount goes first, then the snapshots API
+(requests in flight finish), then the engine unmounts every snapshot, leaves
+each device in a recorded state and closes the journal.
 """
 
 from __future__ import annotations
@@ -50,11 +52,19 @@ async def _stop_on_signals(on_stopping: Callable[[], None]) -> None:
 async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = frozenset(),
                 on_ready: Callable[[], None] = lambda: None,
                 on_stopping: Callable[[], None] = lambda: None) -> None:
-    """Mount the tree at ``mountpoint`` and serve it until unmounted or signalled."""
+    """Mount the tree at ``mountpoint`` and serve it until unmounted or signalled;
+    with ``grpc_address``, serve containerd's snapshots API there too, from the
+    same engine, stopped before the engine is."""
     gid = admin_gid(config.admin_group) if config.admin_group else None
     async with Snapshotter.open(config) as engine:
         operations = DmfsOperations(engine, admin_gid=gid)
-        with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
+            if config.grpc_address is not None:
+                # Imported only then: grpc costs 0.3 s to import in the test guest.
+                from dmfs.grpc.server import snapshots_api
+
+                await stack.enter_async_context(snapshots_api(
+                    engine, config.grpc_address, gid, operations.changed_elsewhere))
             pyfuse3.init(operations, os.fspath(mountpoint), fuse_options(config, extra_options))
             stack.callback(_close_fuse)
             stack.callback(linkcache.forget, config.runtime_dir)
@@ -62,6 +72,7 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_stop_on_signals, on_stopping)
+                    nursery.start_soon(operations.follow_engine)
                     on_ready()
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()

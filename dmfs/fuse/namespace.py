@@ -16,7 +16,8 @@ from datetime import datetime
 import pyfuse3
 
 from dmfs.fuse import inodes
-from dmfs.fuse.inodes import CONTROL_ENTRIES, EntryRole, InodeTable
+from dmfs.fuse.containerd import ContainerdIndex
+from dmfs.fuse.inodes import CONTROL_DIRS, CONTROL_ENTRIES, EntryRole, InodeTable
 from dmfs.fuse.names import BadName, decode_entry, display, encode_key
 from dmfs.pool import Info, Kind, Snapshotter
 
@@ -41,11 +42,15 @@ class Namespace:
         self.engine = engine
         self.admin_gid = admin_gid
         self.inodes = InodeTable()
+        self.containerd = ContainerdIndex(engine)
+        #: the root's link count as last reported (dmfs.fuse.coherence)
+        self.root_reported: tuple[int, int] | None = None
         self._started_ns = time.time_ns()  # the times of the root and .dmfs
 
     # ------------------------------------------------------------------ resolving
     def snapshot(self, inode: int) -> tuple[EntryRole, Info] | None:
-        """The snapshot entry (node, fs link, by-name link) an inode stands for."""
+        """The snapshot entry (node, fs link, by-name or containerd link) an inode
+        stands for."""
         entry = self.inodes.get(inode)
         if entry is None:
             return None
@@ -61,6 +66,11 @@ class Namespace:
     def node_inode(self, info: Info) -> int:
         return self.inodes.inode(EntryRole.NODE, info.identity)
 
+    def link_inode(self, role: EntryRole, info: Info) -> int:
+        """The inode of a by-name or containerd link to ``info``'s node: one per
+        target (see :meth:`InodeTable.inode`)."""
+        return self.inodes.inode(role, info.identity, target=self.link_target(role, info))
+
     def info_by_name(self, name: bytes) -> Info | None:
         try:
             return self.engine.get(decode_entry(name))
@@ -73,7 +83,16 @@ class Namespace:
             return CONTROL_ENTRIES.get(name)
         if parent_inode == inodes.BY_NAME_DIR:
             info = self.info_by_name(name)
-            return self.inodes.inode(EntryRole.BY_NAME, info.identity) if info else None
+            return self.link_inode(EntryRole.BY_NAME, info) if info else None
+        if parent_inode == inodes.CONTAINERD_DIR:
+            namespace = name.decode("ascii", errors="replace")
+            return (self.inodes.namespace_dir(namespace)
+                    if self.containerd.has_namespace(namespace) else None)
+        namespace = self.inodes.namespace_of(parent_inode)
+        if namespace is not None:
+            key = self.containerd.key(namespace, name)
+            info = self.engine.get(key) if key is not None else None
+            return self.link_inode(EntryRole.CONTAINERD, info) if info else None
         if parent_inode == inodes.ROOT:
             if name == CONTROL:
                 return inodes.CONTROL_DIR
@@ -98,13 +117,37 @@ class Namespace:
                 for info in self.engine.children(parent_key)
                 if parent_key is None or encode_key(info.key).encode() != FS]
 
+    def containerd_entries(self, inode: int) -> list[tuple[bytes, int]] | None:
+        """The entries of ``.dmfs/containerd`` or of one of its namespaces as
+        (name, inode); None when ``inode`` is neither."""
+        if inode == inodes.CONTAINERD_DIR:
+            return [(namespace.encode(), self.inodes.namespace_dir(namespace))
+                    for namespace in self.containerd.namespaces()]
+        namespace = self.inodes.namespace_of(inode)
+        if namespace is None:
+            return None
+        entries = []
+        for entry, key in self.containerd.entries(namespace):
+            info = self.engine.get(key)
+            if info is not None:
+                entries.append((entry, self.link_inode(EntryRole.CONTAINERD, info)))
+        return entries
+
+    def is_control_dir(self, inode: int) -> bool:
+        """Whether ``inode`` is a directory of ``.dmfs`` (read-only, no snapshot)."""
+        return inode in CONTROL_DIRS or self.inodes.namespace_of(inode) is not None
+
     def path(self, inode: int, name: bytes | None = None) -> str:
         """The path in the tree, for log lines."""
         parts: list[str] = []
         if name is not None:
             parts.append(display(name))
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR):
-            parts.append(".dmfs" if inode == inodes.CONTROL_DIR else ".dmfs/by-name")
+        namespace = self.inodes.namespace_of(inode)
+        if inode in CONTROL_DIRS:
+            parts.append({inodes.CONTROL_DIR: ".dmfs", inodes.BY_NAME_DIR: ".dmfs/by-name",
+                          inodes.CONTAINERD_DIR: ".dmfs/containerd"}[inode])
+        elif namespace is not None:
+            parts.append(f".dmfs/containerd/{namespace}")
         elif inode != inodes.ROOT:
             found = self.snapshot(inode)
             if found:
@@ -145,12 +188,27 @@ class Namespace:
         attrs.st_ctime_ns = attrs.st_mtime_ns = max(stamp, entries_changed_ns)
         return attrs
 
-    def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
+    def node_values(self, info: Info) -> tuple[int, int, int]:
+        """What a node's attributes say that can change: mode, link count, mtime."""
         permissions = 0o755 if info.kind is Kind.ACTIVE else 0o555
-        return self.attrs(self.node_inode(info), stat.S_IFDIR | permissions,
-                          nlink=2 + self.engine.child_count(info.key),
-                          times=(info.created, info.updated),
-                          entries_changed_ns=self.engine.children_changed_ns(info.key))
+        return (stat.S_IFDIR | permissions, 2 + self.engine.child_count(info.key),
+                max(_ns(info.updated), self.engine.children_changed_ns(info.key)))
+
+    def node_attrs(self, info: Info) -> pyfuse3.EntryAttributes:
+        """A node's attributes, as the kernel is told them (and remembered, so
+        that a change made elsewhere can be invalidated: dmfs.fuse.coherence)."""
+        inode = self.node_inode(info)
+        mode, nlink, changed_ns = values = self.node_values(info)
+        entry = self.inodes.get(inode)
+        if entry is not None:
+            entry.reported = values
+        return self.attrs(inode, mode, nlink=nlink, times=(info.created, info.updated),
+                          entries_changed_ns=changed_ns)
+
+    def root_values(self) -> tuple[int, int]:
+        """What the root's attributes say that can change: link count, when its
+        entries last changed."""
+        return 3 + self.engine.child_count(None), self.engine.children_changed_ns(None)
 
     def fs_target(self, info: Info) -> bytes:
         return os.fsencode(self.engine.mount_path(info.device_id))
@@ -158,17 +216,41 @@ class Namespace:
     def by_name_target(self, info: Info) -> bytes:
         return os.fsencode("../../" + "/".join(reversed(self.node_path(info))))
 
+    def link_target(self, role: EntryRole, info: Info) -> bytes:
+        """Where a link to a snapshot points (``fs``: its files; the others: its
+        node, relative to the directory of the link)."""
+        if role is EntryRole.FS_LINK:
+            return self.fs_target(info)
+        if role is EntryRole.BY_NAME:
+            return self.by_name_target(info)
+        return os.fsencode("../../../" + "/".join(reversed(self.node_path(info))))
+
+    def served_target(self, inode: int, role: EntryRole, info: Info) -> bytes:
+        """The target link inode ``inode`` answers: the one it was made for, as
+        the kernel may have cached it (an inode since replaced keeps it)."""
+        entry = self.inodes.get(inode)
+        if entry is not None and entry.target is not None:
+            return entry.target
+        return self.link_target(role, info)
+
     def fixed_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """The attributes of the root and the .dmfs directories (None: not one)."""
         if inode == inodes.ROOT:
-            return self.attrs(inode, stat.S_IFDIR | 0o755,
-                              nlink=3 + self.engine.child_count(None),
-                              entries_changed_ns=self.engine.children_changed_ns(None))
+            self.root_reported = self.root_values()
+            nlink, changed_ns = self.root_reported
+            return self.attrs(inode, stat.S_IFDIR | 0o755, nlink=nlink,
+                              entries_changed_ns=changed_ns)
         if inode == inodes.CONTROL_DIR:
-            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=3, timeout=0)
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=4, timeout=0)
         if inode == inodes.BY_NAME_DIR:
             return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=2, timeout=0,
                               entries_changed_ns=self.engine.keys_changed_ns())
+        if inode == inodes.CONTAINERD_DIR:
+            return self.attrs(inode, stat.S_IFDIR | 0o555,
+                              nlink=2 + len(self.containerd.namespaces()), timeout=0)
+        namespace = self.inodes.namespace_of(inode)
+        if namespace is not None and self.containerd.has_namespace(namespace):
+            return self.attrs(inode, stat.S_IFDIR | 0o555, nlink=2, timeout=0)
         return None
 
     def snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
@@ -179,7 +261,7 @@ class Namespace:
         role, info = found
         if role is EntryRole.NODE:
             return self.node_attrs(info)
-        target = self.fs_target(info) if role is EntryRole.FS_LINK else self.by_name_target(info)
+        target = self.served_target(inode, role, info)
         timeout = NODE_TIMEOUT if role is EntryRole.FS_LINK else 0
         return self.attrs(inode, stat.S_IFLNK | 0o777, size=len(target), timeout=timeout,
                           times=(info.created, info.updated))

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import pyfuse3
+import trio
 
-from dmfs.fuse import control, inodes, linkcache, listings, requests, xattrs
+from dmfs.fuse import coherence, control, inodes, linkcache, listings, requests, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe, refuse
 from dmfs.fuse.inodes import EntryRole
 from dmfs.fuse.names import BadName, NameTooLong, check_new_key, decode_entry, display
@@ -59,9 +60,18 @@ class DmfsOperations(pyfuse3.Operations):
         self._open_files: dict[int, bytes] = {}
         self._control_sizes: dict[int, int] = {}
         self._next_fh = 1
-        # How attribute changes reach the kernel; tests may replace it.
+        # How the handlers' attribute changes reach the kernel; tests may replace
+        # it.  On this thread: with attr_only the kernel only bumps the inode's
+        # attribute version and takes no lock that a request holds.  What other
+        # front ends change reaches the kernel through follow_engine, in a
+        # worker thread (self.links.refresh: an entry's invalidation takes the
+        # directory's lock, which a request waiting for this loop may hold).
         self._invalidate = on_change or (lambda inode: pyfuse3.invalidate_inode(
             inode, attr_only=True))
+        #: the state version whose changes the kernel has been told of
+        self._kernel_version: int = getattr(engine, "state_version", 0)
+        self._kernel_told = trio.Event()
+        self._following = False
         self.requests: Counter[str] = Counter()  # by handler (requests.counted)
         self.links = linkcache.LinkInvalidator(
             self.inodes, lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False))
@@ -71,6 +81,18 @@ class DmfsOperations(pyfuse3.Operations):
         """pyfuse3 has negotiated with the kernel: say whether fs links are cached."""
         self.links.state = linkcache.negotiated(getattr(self, "cache_symlinks_granted", None))
         linkcache.announce(self.links.state, self.engine.config.runtime_dir)
+
+    async def changed_elsewhere(self, before: Info) -> None:
+        """Another front end (containerd's socket) committed or removed the
+        snapshot that was ``before``: return once the kernel has been told what
+        that made stale (:meth:`follow_engine` does the telling, for every
+        change; this only waits for it), so that a client that looks at the tree
+        after its request was answered never sees the old name."""
+        if not self._following:
+            return  # no kernel to tell (not mounted, or the session is over)
+        target = self.engine.state_version
+        while self._following and self._kernel_version < target:
+            await self._kernel_told.wait()
 
     async def _unmount_coming(self, device_id: int) -> None:
         """The engine is about to take a snapshot's files away (its hook)."""
@@ -149,6 +171,7 @@ class DmfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs = await self._getattr(inode)
         self.inodes.looked_up(inode)
+        self.inodes.known_as(inode, parent_inode, name)
         return attrs
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -169,6 +192,7 @@ class DmfsOperations(pyfuse3.Operations):
     @failsafe
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = await self.listings.entries(fh, start_id)
+        directory = self.listings.directory_of(fh)
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
@@ -178,6 +202,7 @@ class DmfsOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return
             self.inodes.looked_up(inode)
+            self.inodes.known_as(inode, directory, name)
 
     @failsafe
     async def releasedir(self, fh: int) -> None:
@@ -189,8 +214,8 @@ class DmfsOperations(pyfuse3.Operations):
         if found is None or found[0] is EntryRole.NODE:
             raise pyfuse3.FUSEError(errno.EINVAL if found else errno.ENOENT)
         role, info = found
-        if role is EntryRole.BY_NAME:
-            return self.ns.by_name_target(info)
+        if role is not EntryRole.FS_LINK:
+            return self.ns.served_target(inode, role, info)
         try:
             await self.engine.mountpoint(info.key)
         except SnapshotError as error:
@@ -221,7 +246,7 @@ class DmfsOperations(pyfuse3.Operations):
         else:
             parent = self.ns.node(parent_inode)
             if parent is None:
-                self._refuse(errno.EPERM, "mkdir", path, "only nodes and the root hold snapshots")
+                self._refuse_parentless_mkdir(parent_inode, path)
             if parent.kind is not Kind.COMMITTED:
                 self._refuse(errno.EPERM, "mkdir", path,
                              f"the parent is {parent.kind.value}; only committed snapshots "
@@ -238,7 +263,17 @@ class DmfsOperations(pyfuse3.Operations):
                  info.device_id)
         attrs = self.ns.node_attrs(info)
         self.inodes.looked_up(attrs.st_ino)
+        self.inodes.known_as(attrs.st_ino, parent_inode, name)
         return attrs
+
+    def _refuse_parentless_mkdir(self, parent_inode: int, path: str) -> NoReturn:
+        """mkdir in a directory that is no node: ENOENT in a node removed since the
+        kernel looked it up (by containerd, through the snapshots socket), as in
+        any removed directory; EPERM anywhere else."""
+        entry = self.inodes.get(parent_inode)
+        if entry is not None and entry.role is EntryRole.NODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self._refuse(errno.EPERM, "mkdir", path, "only nodes and the root hold snapshots")
 
     # ------------------------------------------------------------------ rename
     @failsafe
@@ -274,6 +309,7 @@ class DmfsOperations(pyfuse3.Operations):
         self._invalidate(self.ns.node_inode(info))
         if source.kind is Kind.ACTIVE:  # unmounted: mounted read-only on next use
             await self.links.drop(info.identity)
+        self.inodes.known_as(self.ns.node_inode(info), parent_inode_new, name_new)
 
     # ------------------------------------------------------------------ rmdir
     @failsafe
@@ -409,13 +445,51 @@ class DmfsOperations(pyfuse3.Operations):
             self._engine_refusal(error, operation, path)
         self._invalidate(self.ns.node_inode(node))
 
+    # ------------------------------------------------------------------ the other front end
+    async def follow_engine(self) -> None:
+        """For the mount's life: after every change of the engine's state, by
+        whoever made it, invalidate what the kernel caches that is no longer so
+        (:mod:`dmfs.fuse.coherence`), in a worker thread and never once the
+        session closes (``self.links.refresh``).  Never raises: a failure is
+        logged and the next change tries again."""
+        version = self._kernel_version = self.engine.state_version
+        self._following = True
+        try:
+            while True:
+                since, version = version, await self.engine.changed(version)
+                try:
+                    await self.refresh_kernel_caches(self.engine.touched_since(since))
+                except Exception:
+                    log.exception("unexpected error bringing the kernel's caches up to date "
+                                  "(ignored)")
+                self._kernel_version = version
+                self._kernel_told.set()
+                self._kernel_told = trio.Event()
+        finally:
+            self._following = False
+            self._kernel_told.set()
+
+    async def refresh_kernel_caches(self, touched: tuple[set[int], set[str | None]] | None = None
+                                    ) -> None:
+        """Invalidate what the kernel holds that a change of the nodes ``touched``
+        (the engine's ``touched_since``; None: any node) made stale."""
+        found = coherence.stale(self.ns, touched)
+        for parent, name, _, removed in found.entries:
+            log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
+                      "removed" if removed else "renamed")
+        for identity in found.gone:
+            self.inodes.snapshot_gone(identity)
+        if found.entries or found.attributes:
+            await self.links.refresh([(parent, name) for parent, name, _, _ in found.entries],
+                                     found.attributes)
+
     # ------------------------------------------------------------------ misc
     @failsafe
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if not mode & os.W_OK:
             return True
-        if inode in (inodes.CONTROL_DIR, inodes.BY_NAME_DIR, inodes.POOL_FILE,
-                     inodes.SNAPSHOTS_FILE):
+        if self.ns.is_control_dir(inode) or inode in (inodes.POOL_FILE,
+                                                      inodes.SNAPSHOTS_FILE):
             return False
         return is_admin(ctx, self.admin_gid)
 

@@ -21,7 +21,7 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, ...]] = {
     # the engine: containerd's snapshotter operations, and what they return
     "snapshotter": ("Snapshotter",),
-    "info": ("Info", "Usage"),
+    "info": ("Info", "Usage", "BlockDevice"),
     "metadata": ("Kind", "DeviceState"),
     # its errors, by type (errors.py says what each means)
     "errors": ("SnapshotError", "AlreadyExists", "NotFound", "InvalidArgument",

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,7 +34,7 @@ from dmfs.pool.errors import InUse, PoolError, as_snapshot_error
 from dmfs.pool.failpoints import failpoint
 from dmfs.pool.metadata import Device, DeviceState, Metadata
 from dmfs.pool.store import Effects, Store
-from dmfs.pool.thinpool import ThinPool
+from dmfs.pool.thinpool import REMOVE_DEADLINE, ThinPool
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,45 @@ class DeviceTable:
             raise InUse(f"device {device.name} stays busy: {error}") from error
         except DmError as error:
             raise as_snapshot_error(error, f"deactivating {device.name}") from error
+
+    # -- who else holds a device (worker thread) --------------------------------------
+    def refuse_foreign_mounts(self, device: Device, own: Path | None = None) -> None:
+        """InUse when the live device is mounted anywhere but at ``own`` (dmfs's
+        own mount of it) in dmfs's mount namespace: a client mounted what
+        :meth:`dmfs.pool.snapshotter.Snapshotter.block_device` gave it.
+
+        The kernel shares one superblock between all mounts of a block device
+        and opens the device once for it, so the open count cannot tell a
+        client's mount beside dmfs's own: the mount table can."""
+        info = self.pool.info(device.name)
+        if info is None or info.open_count == 0:
+            return
+        elsewhere = [entry.mountpoint for entry in fs.mountinfo()
+                     if entry.devnum == info.devnum and entry.mountpoint != own]
+        if elsewhere:
+            more = f" (and {len(elsewhere) - 1} more)" if len(elsewhere) > 1 else ""
+            raise InUse(f"device {device.name} is mounted at {elsewhere[0]}{more} outside "
+                        "dmfs")
+
+    def wait_closed(self, device: Device) -> None:
+        """Return once nothing holds the live device open (dmfs's own mount of it
+        already gone); InUse, at once, while it is mounted, or when another holder
+        (a process, a mount in another mount namespace) keeps it open for
+        REMOVE_DEADLINE seconds.  A udev probe after an activation lets go in
+        milliseconds; that is what the wait is for."""
+        self.refuse_foreign_mounts(device)
+        deadline = time.monotonic() + REMOVE_DEADLINE
+        delay = 0.005
+        while True:
+            info = self.pool.info(device.name)
+            if info is None or info.open_count == 0:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise InUse(f"device {device.name} is held open {info.open_count} time(s) "
+                            "outside dmfs (a process, or a mount in another mount namespace)")
+            time.sleep(min(left, delay))  # no event says when a holder lets go
+            delay = min(delay * 2, 0.5)
 
     def freeze(self, effects: Effects, device: Device) -> tuple[Device, int]:
         """Deactivate a device that will not change any more, with its mapped

@@ -35,3 +35,15 @@ class Usage:
     """Bytes this snapshot provisioned beyond its parent (containerd's Usage.Size)."""
 
     size: int
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A snapshot's block device, live, for a client that mounts it itself
+    (containerd's Mounts): mount ``path`` as ``fs_type`` with ``options``, and
+    read-only if ``read_only``."""
+
+    path: str  # /dev/mapper/<name>
+    fs_type: str  # the pool's fs_type
+    read_only: bool  # views and committed snapshots
+    options: tuple[str, ...] = ()  # what every mount of it needs (xfs: nouuid)

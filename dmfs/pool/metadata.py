@@ -9,6 +9,7 @@ several objects (commit, rename, remove) is one record, applied at once.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -17,6 +18,9 @@ from typing import Any
 from dmfs.pool.dm import SECTOR_SIZE
 
 MAX_DEVICE_ID = 2**24 - 1
+#: how many snapshot changes Metadata.touched_since remembers (a front end that
+#: falls further behind compares the whole state instead)
+TOUCHED_KEPT = 4096
 
 
 class Kind(StrEnum):
@@ -171,6 +175,12 @@ class Metadata:
         #: that the kernel drops its cached listings of them
         self._children_changed: dict[str | None, int] = {}
         self.keys_changed_ns = 0
+        #: (version, device id, parent) of each snapshot stored or dropped, oldest
+        #: first, the last TOUCHED_KEPT of them: what changed since a version, so a
+        #: front end following the state need not compare all of it
+        self._touched: deque[tuple[int, int, str | None]] = deque(maxlen=TOUCHED_KEPT)
+        #: the oldest version since which _touched is complete
+        self._touched_floor = 0
 
     # -- queries ---------------------------------------------------------------
     def children(self, key: str | None) -> list[Snapshot]:
@@ -194,7 +204,28 @@ class Metadata:
         key = self._by_device.get(device_id)
         return self.snapshots[key] if key is not None else None
 
+    def touched_since(self, version: int) -> tuple[set[int], set[str | None]] | None:
+        """The thin devices of the snapshots stored or dropped since ``version``
+        (new, removed, renamed, committed or relabelled), and their parents (whose
+        children changed); None when that is no longer known (too long ago)."""
+        if version < self._touched_floor:
+            return None
+        devices: set[int] = set()
+        parents: set[str | None] = set()
+        for touched_at, device_id, parent in reversed(self._touched):
+            if touched_at < version:
+                break
+            devices.add(device_id)
+            parents.add(parent)
+        return devices, parents
+
+    def _touch(self, snapshot: Snapshot) -> None:
+        if len(self._touched) == self._touched.maxlen:
+            self._touched_floor = self._touched[0][0] + 1
+        self._touched.append((self.version, snapshot.device_id, snapshot.parent))
+
     def _store(self, snapshot: Snapshot) -> None:
+        self._touch(snapshot)
         old = self.snapshots.get(snapshot.key)
         if old is not None and (old.parent, old.device_id) == (snapshot.parent,
                                                                snapshot.device_id):
@@ -214,6 +245,7 @@ class Metadata:
             snapshot = self.snapshots.pop(key)
         except KeyError:
             raise MetadataError(f"record names unknown snapshot {key!r}") from None
+        self._touch(snapshot)
         siblings = self._children[snapshot.parent]
         siblings.discard(key)
         if not siblings:

@@ -18,7 +18,8 @@ host).  The rules:
 - nothing is left suspended;
 - active snapshots end live and mounted read-write (existing mounts are
   adopted), others end inactive unless already mounted (then adopted, and the
-  idle timer unmounts them later);
+  idle timer unmounts them later) or held open by a client that mounted them
+  itself (containerd: then they stay live);
 - mounts and live dm devices that look like dmfs's but belong to nothing are
   unmounted and deactivated; thin ids in the pool that the journal does not
   know belong to someone else: reported, skipped by id allocation, never touched.
@@ -50,6 +51,7 @@ class LiveDevice:
     devnum: tuple[int, int]
     suspended: bool = False
     read_only: bool = False
+    open_count: int = 0  # mounts of it (one per superblock) and processes holding it
 
 
 @dataclass
@@ -247,6 +249,13 @@ def _settle(device: Device, snapshot: Snapshot, world: World,
         actions.append(Action(Step.ADOPT, f"adopt the mount {entry.mountpoint} of "
                               f"{snapshot.kind} snapshot {key!r} (unmounted when idle)",
                               device.id, name, entry.mountpoint, read_only=True, problem=False))
+    elif live is not None and live.open_count > 0:
+        # A client mounted it (containerd's Mounts): it stays live under the client.
+        if device.state is not DeviceState.ACTIVATED or not device.read_only:
+            actions.append(Action(Step.SET_STATE, f"device {name} of {snapshot.kind} "
+                                  f"snapshot {key!r} is live and in use outside dmfs: "
+                                  "record it", device.id, name, read_only=True,
+                                  state=DeviceState.ACTIVATED, problem=False))
     elif live is not None:
         actions.append(Action(Step.DEACTIVATE, f"device {name} of {snapshot.kind} snapshot "
                               f"{key!r} is live but not mounted: deactivate it", device.id,
@@ -270,7 +279,8 @@ def observe(pool: ThinPool, config: Config, *, usage: bool = False) -> World:
         if config.names_a_dmfs_device(name):
             info = pool.info(name)
             if info is not None:
-                live[name] = LiveDevice(info.devnum, info.suspended, info.read_only)
+                live[name] = LiveDevice(info.devnum, info.suspended, info.read_only,
+                                        info.open_count)
     mounts: dict[int, fs.MountEntry] = {}
     stray: list[fs.MountEntry] = []
     for path, entry in fs.mounts_under(config.mount_dir).items():

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from dmfs.config import Config
+from dmfs.filesystems import mount_options
 from dmfs.pool.devices import DeviceTable
 from dmfs.pool.dm import DeviceMapper
 from dmfs.pool.drivers import open_driver
@@ -44,7 +45,7 @@ from dmfs.pool.errors import (
     translated,
 )
 from dmfs.pool.housekeeping import check_removal, ensure_base
-from dmfs.pool.info import Info
+from dmfs.pool.info import BlockDevice, Info
 from dmfs.pool.journal import Journal
 from dmfs.pool.limits import check_key, check_labels
 from dmfs.pool.metadata import (
@@ -150,11 +151,14 @@ class Snapshotter(SnapshotReader):
             raise as_snapshot_error(error, f"starting on thin pool {self.pool.name}") from error
 
     async def _stop(self) -> None:
-        """Unmount every snapshot, deactivate its device, close the journal."""
+        """Unmount every snapshot, deactivate its device (unless a client holds
+        it), close the journal."""
         try:
             if self.store.journal.is_open and self.meta.pool_name is not None:
                 async with self._lock:
-                    for device_id in self.mounts.ids():
+                    # Mounted ones, and those made live for a client (block_device).
+                    live = {d.id for d in list(self.meta.devices.values()) if d.is_live}
+                    for device_id in sorted(set(self.mounts.ids()) | live):
                         async with self.devices.lock(device_id):
                             await self.store.run(self.steps.shut_down, device_id,
                                                  self.devices.get(device_id),
@@ -173,13 +177,15 @@ class Snapshotter(SnapshotReader):
         return await self._create(key, parent, labels or {}, Kind.ACTIVE)
 
     async def view(self, key: str, parent: str | None = None,
-                   labels: Mapping[str, str] | None = None) -> Info:
-        """containerd View: a read-only snapshot of ``parent``, mounted on first use."""
-        return await self._create(key, parent, labels or {}, Kind.VIEW)
+                   labels: Mapping[str, str] | None = None, *, live: bool = False) -> Info:
+        """containerd View: a read-only snapshot of ``parent``, mounted on first use;
+        with ``live``, its device is activated (read-only) before this returns,
+        for a client that mounts it itself (:meth:`block_device`)."""
+        return await self._create(key, parent, labels or {}, Kind.VIEW, live)
 
     @translated("prepare")
     async def _create(self, key: str, parent: str | None, labels: Mapping[str, str],
-                      kind: Kind) -> Info:
+                      kind: Kind, live: bool = False) -> Info:
         check_key(key)
         check_labels(labels)
         async with self._lock:
@@ -205,7 +211,7 @@ class Snapshotter(SnapshotReader):
                 if origin is None or origin.state is DeviceState.FAULTY:
                     why = origin.error if origin else "its device is missing"
                     raise FailedPrecondition(f"parent {parent!r} is faulty: {why}")
-                await self.store.run(self.steps.prepare, origin, candidates, template)
+                await self.store.run(self.steps.prepare, origin, candidates, template, live)
             await self.store.compact()
             return self._info(self._get(key))
 
@@ -242,6 +248,47 @@ class Snapshotter(SnapshotReader):
             read_only = snapshot.kind is not Kind.ACTIVE
             mount = await self.store.run(self.steps.make_available, device, read_only)
             return mount.path
+
+    @translated("mounts")
+    async def block_device(self, key: str) -> BlockDevice:
+        """containerd Mounts: the snapshot's block device, made live (read-write
+        for an active snapshot, read-only otherwise) for a client that mounts it
+        itself.  An active snapshot is also mounted for dmfs's own use, as always;
+        the kernel shares one superblock between the two mounts, read-only or
+        read-write alike, as the kinds make them.
+
+        While the client holds the device (mounted, or open), dmfs does not
+        deactivate it: Commit and Remove refuse (InUse) and change nothing, idle
+        expiry unmounts dmfs's own mount only, and a stop leaves it live."""
+        snapshot = self._get(key)
+        device = self.devices.get(snapshot.device_id)
+        lock = self.devices.lock(snapshot.device_id)
+        if lock.locked() or not self._ready_for_client(snapshot, device):
+            async with lock:
+                snapshot = self._get(key)  # it may have changed while we waited
+                device = self.devices.get(snapshot.device_id)
+                if device is None or device.state is DeviceState.FAULTY:
+                    why = device.error if device else "its device is missing"
+                    raise FailedPrecondition(f"snapshot {key!r} is faulty: {why}")
+                if snapshot.pending is not None:
+                    raise FailedPrecondition(f"snapshot {key!r} has a {snapshot.pending} "
+                                             "in progress")
+                if snapshot.kind is Kind.ACTIVE and device.id not in self.mounts:
+                    await self.store.run(self.steps.make_available, device, False)
+                elif not device.is_live:
+                    await self.store.run(self.steps.activate, device, True)
+                device = self.devices.get(snapshot.device_id)
+                assert device is not None
+        return BlockDevice(path=self.dm.device_path(device.name), fs_type=self.config.fs_type,
+                           read_only=snapshot.kind is not Kind.ACTIVE,
+                           options=tuple(o for o in mount_options(self.config.fs_type).split(",")
+                                         if o))
+
+    def _ready_for_client(self, snapshot: Snapshot, device: Device | None) -> bool:
+        """The device is live as a client needs it, with nothing to wait for."""
+        if device is None or not device.is_live or snapshot.pending is not None:
+            return False
+        return snapshot.kind is not Kind.ACTIVE or device.id in self.mounts
 
     async def _expire_idle(self, device_id: int) -> bool:
         return await self._expire(device_id, idle=self.config.idle_timeout)
@@ -337,12 +384,15 @@ class Snapshotter(SnapshotReader):
 
     # ================================================================ update
     @translated("update")
-    async def update(self, key: str, labels: Mapping[str, str | None]) -> Info:
-        """containerd Update of labels: set the given ones, delete those set to None."""
+    async def update(self, key: str, labels: Mapping[str, str | None], *,
+                     replace_all: bool = False) -> Info:
+        """containerd Update of labels: set the given ones, delete those set to
+        None; with ``replace_all`` the labels become exactly the given ones (those
+        set to None left out)."""
         check_labels(labels)
         async with self._lock:
             snapshot = self._get(key)
-            merged = dict(snapshot.labels)
+            merged = {} if replace_all else dict(snapshot.labels)
             for name, value in labels.items():
                 if value is None:
                     merged.pop(name, None)
@@ -373,16 +423,19 @@ class Snapshotter(SnapshotReader):
                 # Whether it may be live, known before the record makes it Removing.
                 live = device is not None and device.may_be_live
                 with self.mounts.taking_down(device_id):
-                    await self.store.run(self.steps.remove, snapshot,
+                    await self.store.run(self.steps.remove, snapshot, device,
                                          self.mounts.get(device_id))
         if device is None:
             return
-        self._background_removals += 1
-        self._removals_idle = trio.Event()
+        self._start_removal()
         if self.config.async_remove and self._removals is not None:
             self._removals.start_soon(self._finish_removal, device_id, live)
         else:
             await self._finish_removal(device_id, live)
+
+    def _start_removal(self) -> None:
+        self._background_removals += 1
+        self._removals_idle = trio.Event()
 
     async def _finish_removal(self, device_id: int, live: bool) -> None:
         """Deactivate and delete a Removing device (outside the engine lock, so a
@@ -405,6 +458,34 @@ class Snapshotter(SnapshotReader):
     async def wait_removals(self) -> None:
         """Wait until every background (async_remove) deletion has finished."""
         await self._removals_idle.wait()
+
+    @translated("cleanup")
+    async def cleanup(self) -> int:
+        """containerd Cleanup: reclaim what removals left.  Waits for the
+        background (async_remove) deletions, then deletes again the thin devices
+        whose deletion failed after their snapshot was removed (they wait for
+        the next start otherwise); returns how many it deleted, and raises the
+        first failure once it has tried them all."""
+        await self.wait_removals()
+        left = [d.id for d in list(self.meta.devices.values())
+                if d.state is DeviceState.REMOVING and self.meta.snapshot_of_device(d.id) is None]
+        deleted, failure = 0, None
+        for device_id in left:
+            async with self.devices.lock(device_id):
+                device = self.devices.get(device_id)
+                if device is None or device.state is not DeviceState.REMOVING:
+                    continue  # deleted meanwhile
+                try:
+                    await self.store.run(self.steps.destroy, device, True)
+                    deleted += 1
+                except SnapshotError as error:
+                    log.error("cleanup: deleting thin device %d failed again: %s", device_id,
+                              error)
+                    failure = failure or error
+        await self.store.compact()
+        if failure is not None:
+            raise failure
+        return deleted
 
     # ================================================================ udev
     def _removed(self, event: DmEvent) -> None:

@@ -58,9 +58,10 @@ class Steps:
         return f"{self.config.device_prefix}{device_id}"
 
     def prepare(self, effects: Effects, origin: Device, candidates: list[int],
-                          template: Snapshot) -> None:
+                template: Snapshot, live: bool = False) -> None:
         """Check space, snapshot ``origin`` and, for an active snapshot, activate
-        and mount it, then journal the snapshot; on any failure undo it all."""
+        and mount it (a view: activate it read-only if ``live``), then journal the
+        snapshot; on any failure undo it all."""
         self.check_space()
         active_origin = origin.name if origin.is_live else None
         device = self.devices.create(
@@ -78,6 +79,8 @@ class Steps:
                 failpoint("prepare:after-activate")
                 mount = self.mounts.mount(effects, device, read_only=False)
                 failpoint("prepare:after-mount")
+            elif live:  # a crash after it leaves a device no snapshot has: deleted at start
+                device = self.devices.activate(effects, device, read_only=True)
             # Durable here, not at the end of the sequence: if it cannot be, the
             # device goes again (below) and the prepare leaves nothing behind.
             effects.record({"type": "snapshot",
@@ -98,8 +101,8 @@ class Steps:
             log.error("cleaning up thin device %d failed (left for the next start): %s",
                       device.id, error)
 
-    def make_available(self, effects: Effects, device: Device, read_only: bool
-                                 ) -> Mount:
+    def make_available(self, effects: Effects, device: Device, read_only: bool) -> Mount:
+        """Activate (if needed) and mount a snapshot's device for dmfs's own use."""
         activated = not device.is_live
         if activated:
             device = self.devices.activate(effects, device, read_only=read_only)
@@ -111,13 +114,48 @@ class Steps:
                     self.devices.deactivate(effects, device)
             raise
 
+    def activate(self, effects: Effects, device: Device, read_only: bool) -> Device:
+        """Make a snapshot's device live without mounting it (for a client that
+        mounts it itself)."""
+        return self.devices.activate(effects, device, read_only=read_only)
+
+    def release(self, effects: Effects, device: Device | None, device_id: int,
+                mount: Mount | None) -> None:
+        """Unmount dmfs's own mount of a snapshot and make sure nothing else holds
+        its device (before a commit or a remove records anything): InUse while a
+        client has it mounted or open, with dmfs's mount put back, so that a
+        refusal changes nothing."""
+        live = device is not None and device.is_live
+        if device is not None and live:
+            self.devices.refuse_foreign_mounts(device, mount.path if mount else None)
+        self.mounts.unmount(effects, device_id, mount)  # InUse: files in it are in use
+        if device is None or not live:
+            return
+        try:
+            self.devices.wait_closed(device)
+        except InUse:
+            if mount is not None:
+                try:
+                    self.mounts.mount(effects, device, read_only=mount.read_only)
+                except SnapshotError as error:
+                    log.error("remounting %s after a refusal failed (it is mounted again "
+                              "on first use): %s", mount.path, error)
+            raise
+
     def expire(self, effects: Effects, device: Device | None, device_id: int,
-                         mount: Mount) -> bool:
+               mount: Mount) -> bool:
+        """Unmount an idle read-only snapshot and deactivate its device, unless a
+        client holds the device (then it stays live: the client mounted it)."""
         try:
             self.mounts.unmount(effects, device_id, mount)
         except InUse:
             return False
         if device is not None and device.is_live:
+            try:
+                self.devices.wait_closed(device)
+            except InUse as error:
+                log.info("unmounted idle snapshot device %d, left live: %s", device_id, error)
+                return True
             with contextlib.suppress(InUse):
                 self.devices.deactivate(effects, device)
         log.debug("unmounted idle snapshot device %d", device_id)
@@ -126,9 +164,10 @@ class Steps:
     def commit(self, effects: Effects, snapshot: Snapshot, device: Device,
                          mount: Mount | None, name: str,
                          labels: Mapping[str, str] | None) -> None:
-        """Unmount (InUse: nothing changed), journal the intent, then flush, freeze
-        and deactivate the device, and journal the commit."""
-        self.mounts.unmount(effects, device.id, mount)
+        """Unmount (InUse, nothing changed, while its files or its device are in
+        use), journal the intent, then flush, freeze and deactivate the device,
+        and journal the commit."""
+        self.release(effects, device, device.id, mount)
         failpoint("commit:after-unmount")
         live = device.is_live
         # On a live device the next record (Suspending) is durable and no dm
@@ -165,9 +204,11 @@ class Steps:
         effects.record({"type": "snapshot",
                         "snapshot": replace(snapshot, pending=None).to_json()})
 
-    def remove(self, effects: Effects, snapshot: Snapshot, mount: Mount | None
-                         ) -> None:
-        self.mounts.unmount(effects, snapshot.device_id, mount)  # InUse: nothing removed
+    def remove(self, effects: Effects, snapshot: Snapshot, device: Device | None,
+               mount: Mount | None) -> None:
+        """Unmount and journal the removal; InUse, nothing removed, while its files
+        or its device are in use.  The device goes afterwards (:meth:`destroy`)."""
+        self.release(effects, device, snapshot.device_id, mount)
         failpoint("remove:after-unmount")
         effects.record({"type": "remove", "key": snapshot.key}, durable=True)
         failpoint("remove:after-record")
@@ -194,13 +235,21 @@ class Steps:
         effects.record({"type": "base", "id": device.id}, durable=True)
 
     def shut_down(self, effects: Effects, device_id: int, device: Device | None,
-                            mount: Mount | None) -> None:
+                  mount: Mount | None) -> None:
+        """Unmount and deactivate a snapshot's device at stop, unless in use (then
+        it is left as it is: a client's mount of it goes on working)."""
         try:
             self.mounts.unmount(effects, device_id, mount)
         except SnapshotError as error:
-            log.warning("leaving %s mounted at shutdown: %s", self.mount_path(device_id), error)
+            log.warning("leaving %s mounted at shutdown: %s", self.mounts.path_of(device_id),
+                        error)
             return
         if device is not None and device.is_live:
+            try:
+                self.devices.wait_closed(device)
+            except InUse as error:
+                log.info("leaving device %s live at shutdown: %s", device.name, error)
+                return
             try:
                 self.devices.deactivate(effects, device)
             except SnapshotError as error:

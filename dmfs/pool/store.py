@@ -105,6 +105,8 @@ class Store:
         self._running = 0
         self._quiet = trio.Event()
         self._quiet.set()
+        #: set, and replaced, whenever a sequence's effects have been applied
+        self._applied = trio.Event()
 
     async def run(self, sequence: Callable[..., T], *args: Any) -> T:
         """Run ``sequence(effects, *args)`` in a worker thread and make its
@@ -129,6 +131,8 @@ class Store:
                 effects.apply(self.meta)
             finally:
                 self._leave()
+                self._applied.set()
+                self._applied = trio.Event()
             if self.journal.needs_rewrite:
                 with trio.CancelScope(shield=True):
                     await self.rewrite()
@@ -151,6 +155,12 @@ class Store:
                 effects.record(record)
 
         await self.run(sequence)
+
+    async def wait_change(self, version: int) -> int:
+        """Wait until the metadata's version is no longer ``version``; the new one."""
+        while self.meta.version == version:
+            await self._applied.wait()
+        return self.meta.version
 
     async def rewrite(self) -> None:
         """After a failed fsync: write the whole state as a checkpoint again."""

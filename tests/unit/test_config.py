@@ -86,6 +86,7 @@ mountpoint = "/srv/snapshots"
 admin_group = "{group}"
 allow_other = false
 log_level = "DEBUG"
+grpc_address = "unix:///run/dmfs/x/grpc/snapshots.sock"
 """))
     assert config == Config(
         pool_name="vg-pool-tpool", base_image_size=1024**3,
@@ -93,13 +94,20 @@ log_level = "DEBUG"
         fs_type="ext4", fs_options="-E lazy_journal_init=1", mkfs_lazy_init=True,
         discard_blocks=True, async_remove=True, driver="dmsetup", activation_timeout=2.5,
         idle_timeout=5400.0, mountpoint=Path("/srv/snapshots"), admin_group=group,
-        allow_other=False, log_level="debug")
+        allow_other=False, log_level="debug",
+        grpc_address=Path("/run/dmfs/x/grpc/snapshots.sock"))
 
 
 def test_empty_root_path_means_the_default_as_in_containerd(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, f'[dmfs]\n{REQUIRED}root_path = ""\n'))
     assert config.root_path is None
     assert config.state_dir == Path("/var/lib/dmfs/pool0")
+
+
+def test_an_empty_grpc_address_is_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, f'[dmfs]\n{REQUIRED}grpc_address = ""\n')
+                       ).grpc_address is None
+    assert load_config(write(tmp_path, f"[dmfs]\n{REQUIRED}")).grpc_address is None
 
 
 def test_numeric_admin_group_is_a_gid(tmp_path: Path) -> None:
@@ -181,6 +189,13 @@ def test_the_shipped_example_documents_every_key() -> None:
     (f'[dmfs]\n{REQUIRED}runtime_path = "./run"\n', "runtime_path", "not an absolute path"),
     (f'[dmfs]\n{REQUIRED}mountpoint = "srv"\n', "mountpoint", "not an absolute path"),
     (f'[dmfs]\n{REQUIRED}mountpoint = ""\n', "mountpoint", "not an absolute path"),
+    (f'[dmfs]\n{REQUIRED}grpc_address = "dmfs.sock"\n', "grpc_address",
+     "'dmfs.sock' is not an absolute path"),
+    (f'[dmfs]\n{REQUIRED}grpc_address = "unix://run/dmfs.sock"\n', "grpc_address",
+     "not an absolute path"),
+    (f'[dmfs]\n{REQUIRED}grpc_address = "/{"s" * 110}"\n', "grpc_address",
+     "a unix socket's path holds at most 107"),
+    (f"[dmfs]\n{REQUIRED}grpc_address = 5\n", "grpc_address", "expected a string"),
     # choices
     (f'[dmfs]\n{REQUIRED}fs_type = "btrfs"\n', "fs_type",
      "'btrfs' is not supported; dmfs makes 'ext4' or 'xfs' filesystems"),
@@ -267,7 +282,8 @@ def test_the_example_shows_the_defaults(tmp_path: Path) -> None:
     lines = []
     for line in EXAMPLE.read_text().splitlines():
         match = re.match(r"^# (\w+ = .*)$", line)
-        if match and not match.group(1).startswith(("admin_group", "mountpoint")):
+        if match and not match.group(1).startswith(("admin_group", "mountpoint",
+                                                    "grpc_address")):
             line = match.group(1)
         lines.append(line)
     uncommented = load_config(write(tmp_path, "\n".join(lines)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,14 @@ def test_fstab_example_verifies(tmp_path: Path) -> None:
     assert "0 parse errors, 0 errors" in output
     assert "VFS options: nodev,nosuid" in output
     assert "userspace options: nofail,x-systemd.requires-mounts-for=/var/lib/dmfs" in output
+
+
+def test_containerd_fragment_names_the_example_configs_socket() -> None:
+    """contrib/containerd-config.toml is containerd's side of the example pool:
+    a proxy snapshotter at the grpc_address that dmfs.toml.example suggests."""
+    fragment = tomllib.loads((CONTRIB / "containerd-config.toml").read_text())
+    plugin = fragment["proxy_plugins"]["dmfs"]
+    assert plugin["type"] == "snapshot"
+    suggested = re.search(r'^# grpc_address = "(.*)"$',
+                          (CONTRIB / "dmfs.toml.example").read_text(), re.MULTILINE)
+    assert suggested is not None and plugin["address"] == suggested.group(1)

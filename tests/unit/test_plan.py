@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from dmfs.pool.fs import MountEntry
 from dmfs.pool.metadata import Device, DeviceRole, DeviceState, Kind, Metadata, Snapshot
 from dmfs.pool.plan import LiveDevice, Step, World, plan
@@ -118,6 +120,21 @@ def test_a_live_committed_device_without_its_mount_is_deactivated() -> None:
                      snapshots=(Snapshot("c", Kind.COMMITTED, None, 2),))
     seen = world({2}, live={"p-snap-2": LiveDevice((253, 2), read_only=True)})
     assert steps(meta, seen) == [(Step.DEACTIVATE, 2)]
+
+
+@pytest.mark.parametrize("kind", [Kind.COMMITTED, Kind.VIEW])
+def test_a_device_a_client_holds_open_stays_live(kind: Kind) -> None:
+    """containerd mounted it itself (Mounts): deactivating it would fail, and
+    should not be tried; nothing is a problem."""
+    meta = meta_with(device(2, DeviceState.ACTIVATED, read_only=True),
+                     snapshots=(Snapshot("c", kind, None, 2),))
+    seen = world({2}, live={"p-snap-2": LiveDevice((253, 2), read_only=True, open_count=1)})
+    assert plan(meta, seen).actions == []
+    meta = meta_with(device(2, DeviceState.DEACTIVATING),  # a stop was interrupted
+                     snapshots=(Snapshot("c", kind, None, 2),))
+    actions = plan(meta, seen).actions
+    assert [(a.step, a.state, a.read_only, a.problem) for a in actions] == [
+        (Step.SET_STATE, DeviceState.ACTIVATED, True, False)]
 
 
 def test_after_a_reboot_devices_the_journal_thought_live_are_recorded_inactive() -> None:

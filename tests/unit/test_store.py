@@ -15,7 +15,15 @@ import trio.testing
 from dmfs.pool.devices import DeviceTable
 from dmfs.pool.errors import PoolError
 from dmfs.pool.journal import Journal
-from dmfs.pool.metadata import Device, DeviceState, Metadata, read_metadata
+from dmfs.pool.metadata import (
+    TOUCHED_KEPT,
+    Device,
+    DeviceState,
+    Kind,
+    Metadata,
+    Snapshot,
+    read_metadata,
+)
 from dmfs.pool.store import Effects, Store
 
 
@@ -149,3 +157,54 @@ async def test_a_closed_journal_is_a_pool_error(tmp_path: Path) -> None:
     store.journal.close()
     with pytest.raises(PoolError, match="not open"):
         await store.write(device_record(1, DeviceState.CREATED))
+
+
+# ---------------------------------------------------------------------- following the state
+def snapshot_record(key: str, device_id: int, parent: str | None = None,
+                    kind: Kind = Kind.ACTIVE) -> dict:
+    return {"type": "snapshot", "snapshot": Snapshot(key, kind, parent, device_id).to_json()}
+
+
+async def test_wait_change_wakes_for_any_change_and_says_the_new_version(tmp_path: Path
+                                                                         ) -> None:
+    store = open_store(tmp_path)
+    before = store.meta.version
+    woken: list[int] = []
+
+    async def follower() -> None:
+        woken.append(await store.wait_change(before))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follower)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not woken  # nothing changed yet
+        await store.write(device_record(1, DeviceState.CREATING))
+    assert woken == [before + 1]
+    assert await store.wait_change(before) == before + 1  # already changed: at once
+
+
+def test_touched_since_names_the_devices_and_parents_that_changed() -> None:
+    meta = Metadata()
+    meta.apply(snapshot_record("base", 1))
+    meta.apply({"type": "commit", "key": "base", "name": "b", "usage": 0, "updated": "t"})
+    start = meta.version
+    assert meta.touched_since(start) == (set(), set())
+    meta.apply(snapshot_record("child", 2, parent="b"))
+    meta.apply(device_record(3, DeviceState.CREATING))  # not a snapshot: touches none
+    assert meta.touched_since(start) == ({2}, {"b"})
+    after_child = meta.version
+    meta.apply({"type": "rename", "key": "b", "name": "c", "updated": "t2"})
+    assert meta.touched_since(after_child) == ({1, 2}, {None, "b", "c"})
+    meta.apply({"type": "remove", "key": "child"})
+    assert meta.touched_since(meta.version - 1) == ({2}, {"c"})
+    assert meta.touched_since(start) == ({1, 2}, {None, "b", "c"})
+
+
+def test_touched_since_too_long_ago_is_unknown() -> None:
+    meta = Metadata()
+    start = meta.version
+    for n in range(TOUCHED_KEPT + 1):
+        meta.apply(snapshot_record(f"s{n}", n + 1))
+    assert meta.touched_since(start) is None  # the first change was forgotten
+    assert meta.touched_since(start + 1) is not None
+    assert meta.touched_since(meta.version - 1) == ({TOUCHED_KEPT + 1}, {None})

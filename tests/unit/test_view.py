@@ -45,13 +45,13 @@ class FakeEngine:
 
     def __init__(self, *infos: Info) -> None:
         self.infos = {i.key: i for i in infos}
-        self.changed: dict[str | None, int] = {}
+        self.children_changed: dict[str | None, int] = {}
 
     def children_changed_ns(self, key: str | None) -> int:
-        return self.changed.get(key, 0)
+        return self.children_changed.get(key, 0)
 
     def keys_changed_ns(self) -> int:
-        return max(self.changed.values(), default=0)
+        return max(self.children_changed.values(), default=0)
 
     async def walk(self) -> list[Info]:
         return sorted(self.infos.values(), key=lambda i: i.key)
@@ -205,9 +205,9 @@ def test_a_directory_mtime_moves_when_its_entries_change() -> None:
     ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
     before = ns.node_attrs(engine.infos["base"]).st_mtime_ns
     root_before = ns.fixed_attrs(inodes.ROOT).st_mtime_ns  # type: ignore[union-attr]
-    engine.changed["base"] = before + 5
+    engine.children_changed["base"] = before + 5
     assert ns.node_attrs(engine.infos["base"]).st_mtime_ns == before + 5
-    engine.changed[None] = root_before + 7
+    engine.children_changed[None] = root_before + 7
     assert ns.fixed_attrs(inodes.ROOT).st_mtime_ns == root_before + 7  # type: ignore[union-attr]
     by_name = ns.fixed_attrs(inodes.BY_NAME_DIR)
     assert by_name.st_mtime_ns == root_before + 7  # type: ignore[union-attr]

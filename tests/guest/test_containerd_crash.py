@@ -1,0 +1,156 @@
+"""dmfs killed (SIGKILL) while containerd unpacks an image into it.
+
+containerd keeps its own database: what an interrupted unpack leaves in dmfs is
+a snapshot containerd no longer names (the unpack removed its record when the
+request failed, or never got the answer that would have made one).  containerd
+removes such snapshots itself, with its garbage collector, the next time that
+collector runs over dmfs, which a removal of any dmfs snapshot through
+containerd triggers.  These tests kill dmfs at a fixed step (a failpoint) and
+at a moment the tree shows (a kill from outside), restart it as its service
+manager would, and check that containerd's next request succeeds once its
+connection to dmfs is back (grpc-go reconnects with a backoff of at most 3 s;
+until then containerd answers Unavailable) and that, after that collection,
+nothing is left that containerd does not know.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.containerd import (
+    CTR,
+    DMFS_SNAPSHOTTER,
+    NAMESPACE,
+    Stack,
+    collect_garbage,
+    containerd_stack,
+    socket_answers,
+)
+from tests.support.torture import (
+    assert_daemon_healthy,
+    check,
+    clear_dead_mount,
+    faulty_snapshots,
+    read_snapshots,
+    start,
+    tree_matches_snapshots,
+)
+from tests.support.tree import wait_until
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    workdir = Path(tempfile.mkdtemp(prefix="dmfs-ctd-crash-", dir="/dev/shm"))
+    workdir.chmod(0o755)
+    with containerd_stack(workdir, layers=3) as stack:
+        yield stack
+    subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+def import_command(stack: Stack) -> list[str]:
+    return [CTR, "--address", str(stack.containerd.address), "--namespace", NAMESPACE,
+            "images", "import", "--snapshotter", DMFS_SNAPSHOTTER, str(stack.image.archive)]
+
+
+def containerd_names(stack: Stack) -> set[str]:
+    """The snapshots containerd's database names in the dmfs snapshotter."""
+    lines = stack.containerd.snapshots(DMFS_SNAPSHOTTER, "ls").stdout.splitlines()[1:]
+    return {line.split()[0] for line in lines if line.strip()}
+
+
+def orphans(stack: Stack) -> list[str]:
+    """dmfs's snapshots that containerd does not name (its key's name part is
+    not in containerd's list, or an older key of a name it has again)."""
+    known = containerd_names(stack)
+    newest: dict[str, int] = {}
+    keys = [s["name"] for s in read_snapshots(stack.tree)]
+    for key in keys:
+        _, number, name = key.split("/", 2)
+        newest[name] = max(newest.get(name, -1), int(number))
+    return sorted(key for key in keys
+                  if key.split("/", 2)[2] not in known
+                  or int(key.split("/", 2)[1]) != newest[key.split("/", 2)[2]])
+
+
+def containerd_reaches_dmfs(stack: Stack) -> bool:
+    """Whether a request containerd passes on to dmfs (a Prepare) succeeds now."""
+    probe = stack.containerd.snapshots(DMFS_SNAPSHOTTER, "prepare", "reconnect-probe",
+                                       check=False)
+    if probe.returncode != 0:
+        assert "unavailable" in probe.stderr, probe.stderr  # nothing but the connection
+        return False
+    stack.containerd.snapshots(DMFS_SNAPSHOTTER, "rm", "reconnect-probe")
+    return True
+
+
+def after_the_crash(stack: Stack, interrupted: subprocess.CompletedProcess[str],
+                    record: list[str]) -> None:
+    """dmfs is dead: restart it, import again, collect, and check the pool."""
+    assert interrupted.returncode != 0, "the import finished before dmfs died"
+    clear_dead_mount(stack.tree)
+    since = len(stack.tree.log())
+    stack.restart_dmfs()
+    restarted = time.monotonic()
+    record.append(f"left by the interrupted import: {orphans(stack)}")
+    # containerd's connection to the proxy backs off while dmfs is down (grpc-go,
+    # at most 3 s for proxy plugins in containerd 1.6): until it reconnects, its
+    # requests fail with Unavailable
+    wait_until(lambda: containerd_reaches_dmfs(stack), 30, "containerd to reconnect")
+    record.append(f"containerd reached dmfs again {time.monotonic() - restarted:.1f} s "
+                  "after dmfs's socket answered")
+    # containerd's next request: the same import, which must succeed
+    again = subprocess.run(import_command(stack), capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0, again.stderr
+    left = [key for key in orphans(stack) if not key.endswith("/reconnect-probe")]
+    record.append(f"left after the restart and a new import: {left}")
+    collect_garbage(stack)
+    assert orphans(stack) == []
+    # the image is whole: its layers are the only snapshots in the pool
+    names = {s["name"].split("/", 2)[2] for s in read_snapshots(stack.tree)}
+    assert names == set(stack.image.chain_ids)
+    assert_daemon_healthy(stack.tree, since, "after the restart")
+    assert not faulty_snapshots(stack.tree) and not tree_matches_snapshots(stack.tree)
+    stack.containerd.ctr("images", "rm", "--sync", stack.image.name)
+    wait_until(lambda: not read_snapshots(stack.tree), 30, "the image's layers to go")
+    result = check(stack.tree.config)
+    assert result.clean, result.describe()
+
+
+def test_killed_at_the_first_commit_of_an_import(stack: Stack,
+                                                 session_note: Callable[[str], None]) -> None:
+    stack.tree.unmount()
+    started = start(stack.tree, "commit:after-intent=kill")
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: socket_answers(stack.socket), 30, "dmfs's socket")
+    interrupted = subprocess.run(import_command(stack), capture_output=True, text=True,
+                                 timeout=300, check=False)
+    stack.tree.wait_stopped()  # the failpoint killed it
+    record: list[str] = []
+    after_the_crash(stack, interrupted, record)
+    session_note(f"kill at commit:after-intent during ctr images import: {'; '.join(record)}")
+
+
+def test_killed_from_outside_between_layers(stack: Stack,
+                                            session_note: Callable[[str], None]) -> None:
+    importing = subprocess.Popen(import_command(stack), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    # the moment the first layer is committed, the second one is being unpacked
+    wait_until(lambda: any(not s["name"].split("/", 2)[2].startswith("extract-")
+                           for s in read_snapshots(stack.tree)), 60, "the first layer")
+    assert stack.tree.pid is not None
+    os.kill(stack.tree.pid, signal.SIGKILL)
+    stack.tree.wait_stopped()
+    stdout, stderr = importing.communicate(timeout=300)
+    record: list[str] = []
+    after_the_crash(stack, subprocess.CompletedProcess(importing.args, importing.returncode,
+                                                       stdout, stderr), record)
+    session_note(f"kill -9 between layers of ctr images import: {'; '.join(record)}")
