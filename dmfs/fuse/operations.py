@@ -32,6 +32,8 @@ from dmfs.pool import Info, Kind, SnapshotError, Snapshotter
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
+#: what the tree's snapshots are marked with: only the tree removes them (rmdir)
+MADE_BY_TREE = "tree"
 
 
 @requests.counted
@@ -256,7 +258,7 @@ class DmfsOperations(pyfuse3.Operations):
         # No owner-write bit asks for a read-only view (mkdir -m 0555).
         make = self.engine.prepare if mode & stat.S_IWUSR else self.engine.view
         try:
-            info = await make(key, parent_key)
+            info = await make(key, parent_key, made_by=MADE_BY_TREE)
         except SnapshotError as error:
             self._engine_refusal(error, "mkdir", path)
         log.info("mkdir %s: %s snapshot %r (device %d)", path, info.kind.value, key,

@@ -134,6 +134,12 @@ class SnapshotsService:
     @answered("Remove", _key)
     async def remove(self, request: api.RemoveSnapshotRequest) -> empty_pb2.Empty:
         before = self.engine.get(request.key)
+        if before is not None and before.made_by is not None:
+            # containerd's garbage collector removes every snapshot its database
+            # does not list, and goes on after FailedPrecondition.
+            raise refuse(grpc.StatusCode.FAILED_PRECONDITION, "Remove", shown(request.key),
+                         f"snapshot {shown(request.key)} was made in the tree, and only "
+                         "rmdir there removes it")
         await self.engine.remove(request.key)
         await self._tell(before)
         return empty_pb2.Empty()

@@ -23,6 +23,7 @@ class Info:
     state: DeviceState
     mountpoint: Path | None  # where its filesystem is mounted now, if it is
     usage: int | None = None  # bytes, for committed snapshots (fixed at commit)
+    made_by: str | None = None  # "tree": made with mkdir (see Snapshot.made_by)
 
     @property
     def identity(self) -> tuple[int, str]:

@@ -129,10 +129,16 @@ class Snapshot:
     updated: str = ""
     usage: int | None = None  # bytes, fixed when committed
     pending: str | None = None  # "commit" while a commit is in flight
+    #: the front end that made it, when its removal is that front end's only:
+    #: "tree" for mkdir (containerd's garbage collector removes every snapshot
+    #: its own database does not list); None for the engine API
+    made_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in _SNAPSHOT_FIELDS}
         data["labels"] = dict(self.labels)
+        if self.made_by is None:
+            del data["made_by"]  # journals written before the field read the same
         return data
 
     @classmethod

@@ -85,7 +85,8 @@ class SnapshotReader:
                     labels=dict(snapshot.labels), created=snapshot.created,
                     updated=snapshot.updated, device_id=snapshot.device_id,
                     state=device.state if device else DeviceState.UNKNOWN,
-                    mountpoint=mount.path if mount else None, usage=snapshot.usage)
+                    mountpoint=mount.path if mount else None, usage=snapshot.usage,
+                    made_by=snapshot.made_by)
 
     async def stat(self, key: str) -> Info:
         """containerd Stat: the snapshot's info; NotFound when it does not exist."""

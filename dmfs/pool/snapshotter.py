@@ -171,21 +171,24 @@ class Snapshotter(SnapshotReader):
 
     # ================================================================ prepare / view
     async def prepare(self, key: str, parent: str | None = None,
-                      labels: Mapping[str, str] | None = None) -> Info:
+                      labels: Mapping[str, str] | None = None, *,
+                      made_by: str | None = None) -> Info:
         """containerd Prepare: a writable snapshot of ``parent`` (empty without one),
-        activated and mounted read-write before this returns."""
-        return await self._create(key, parent, labels or {}, Kind.ACTIVE)
+        activated and mounted read-write before this returns.  ``made_by`` names
+        the front end whose snapshot it is (:attr:`Snapshot.made_by`)."""
+        return await self._create(key, parent, labels or {}, Kind.ACTIVE, made_by=made_by)
 
     async def view(self, key: str, parent: str | None = None,
-                   labels: Mapping[str, str] | None = None, *, live: bool = False) -> Info:
+                   labels: Mapping[str, str] | None = None, *, live: bool = False,
+                   made_by: str | None = None) -> Info:
         """containerd View: a read-only snapshot of ``parent``, mounted on first use;
         with ``live``, its device is activated (read-only) before this returns,
         for a client that mounts it itself (:meth:`block_device`)."""
-        return await self._create(key, parent, labels or {}, Kind.VIEW, live)
+        return await self._create(key, parent, labels or {}, Kind.VIEW, live, made_by)
 
     @translated("prepare")
     async def _create(self, key: str, parent: str | None, labels: Mapping[str, str],
-                      kind: Kind, live: bool = False) -> Info:
+                      kind: Kind, live: bool = False, made_by: str | None = None) -> Info:
         check_key(key)
         check_labels(labels)
         async with self._lock:
@@ -205,7 +208,8 @@ class Snapshotter(SnapshotReader):
                 raise NoSpace("no free thin device id in the pool (2^24 - 1 in use)")
             stamp = now()
             template = Snapshot(key=key, kind=kind, parent=parent, device_id=0,
-                                labels=dict(labels), created=stamp, updated=stamp)
+                                labels=dict(labels), created=stamp, updated=stamp,
+                                made_by=made_by)
             async with self.devices.lock(origin_id):
                 origin = self.devices.get(origin_id)
                 if origin is None or origin.state is DeviceState.FAULTY:

@@ -4,6 +4,7 @@ nothing a client sends ends the service."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -204,6 +205,19 @@ async def test_remove_and_cleanup(client: Client, engine: FakeEngine) -> None:
     assert engine.snapshots == {}
     await client("Cleanup", api.CleanupRequest(snapshotter="dmfs"))
     assert engine.calls[-1][0] == "cleanup"
+
+
+async def test_snapshots_made_in_the_tree_are_not_removed_through_the_socket(
+        client: Client, engine: FakeEngine) -> None:
+    """containerd's garbage collector removes what its database does not list and
+    goes on after FailedPrecondition: the tree's snapshots must survive it."""
+    made = await engine.prepare("built-by-hand")
+    engine.snapshots["built-by-hand"] = dataclasses.replace(made, made_by="tree")
+    code, details = await client.code("Remove", api.RemoveSnapshotRequest(key="built-by-hand"))
+    assert code is Code.FAILED_PRECONDITION
+    assert details == ("snapshot 'built-by-hand' was made in the tree, and only rmdir there "
+                       "removes it")
+    assert "built-by-hand" in engine.snapshots
 
 
 async def test_commit_and_remove_tell_the_tree(engine: FakeEngine, socket_path: Path,

@@ -150,3 +150,11 @@ def test_allocate_id_reuses_freed_and_skips_unavailable() -> None:
     assert meta.allocate_id({2, 4}) == 5
     meta.apply(device_record(2, DeviceState.FAULTY))
     assert meta.allocate_id() == 4  # a Faulty id is never reused
+
+
+def test_a_snapshot_made_in_the_tree_says_so_and_others_are_written_as_before() -> None:
+    made = Snapshot(key="t", kind=Kind.ACTIVE, parent=None, device_id=3, made_by="tree")
+    assert Snapshot.from_json(made.to_json()).made_by == "tree"
+    plain = Snapshot(key="p", kind=Kind.ACTIVE, parent=None, device_id=4)
+    assert "made_by" not in plain.to_json()  # journals from before the field read alike
+    assert Snapshot.from_json(plain.to_json()).made_by is None
