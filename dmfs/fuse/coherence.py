@@ -30,12 +30,19 @@ invalidate the same inode.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+import trio
 
 from dmfs.fuse import inodes
 from dmfs.fuse.inodes import EntryRole, Identity
+from dmfs.fuse.linkcache import LinkInvalidator
 from dmfs.fuse.names import encode_key
 from dmfs.fuse.namespace import Namespace
+from dmfs.pool import Info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,3 +106,64 @@ def stale(ns: Namespace, touched: tuple[set[int], set[str | None]] | None = None
         found.attributes.append(inodes.ROOT)
         ns.root_reported = root_values
     return found
+
+
+class KernelFollower:
+    """Follows the engine's state for the mount's life and tells the kernel what
+    each change, by whichever front end, made stale (:func:`stale`)."""
+
+    def __init__(self, ns: Namespace, links: LinkInvalidator) -> None:
+        self.ns = ns
+        self.engine = ns.engine
+        self.links = links
+        #: the state version whose changes the kernel has been told of
+        self._kernel_version: int = getattr(self.engine, "state_version", 0)
+        self._kernel_told = trio.Event()
+        self._following = False
+
+    async def changed_elsewhere(self, before: Info) -> None:
+        """Another front end (containerd's socket) committed or removed the
+        snapshot that was ``before``: return once the kernel has been told what
+        that made stale (:meth:`follow` does the telling, for every change; this
+        only waits for it), so that a client that looks at the tree after its
+        request was answered never sees the old name."""
+        if not self._following:
+            return  # no kernel to tell (not mounted, or the session is over)
+        target = self.engine.state_version
+        while self._following and self._kernel_version < target:
+            await self._kernel_told.wait()
+
+    async def follow(self) -> None:
+        """For the mount's life: after every change of the engine's state,
+        invalidate what the kernel caches that is no longer so, in a worker
+        thread and never once the session closes (``links.refresh``).  Never
+        raises: a failure is logged and the next change tries again."""
+        version = self._kernel_version = self.engine.state_version
+        self._following = True
+        try:
+            while True:
+                since, version = version, await self.engine.changed(version)
+                try:
+                    await self.refresh(self.engine.touched_since(since))
+                except Exception:
+                    log.exception("unexpected error bringing the kernel's caches up to date "
+                                  "(ignored)")
+                self._kernel_version = version
+                self._kernel_told.set()
+                self._kernel_told = trio.Event()
+        finally:
+            self._following = False
+            self._kernel_told.set()
+
+    async def refresh(self, touched: tuple[set[int], set[str | None]] | None = None) -> None:
+        """Invalidate what the kernel holds that a change of the nodes ``touched``
+        (the engine's ``touched_since``; None: any node) made stale."""
+        found = stale(self.ns, touched)
+        for parent, name, _, removed in found.entries:
+            log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
+                      "removed" if removed else "renamed")
+        for identity in found.gone:
+            self.ns.inodes.snapshot_gone(identity)
+        if found.entries or found.attributes:
+            await self.links.refresh([(parent, name) for parent, name, _, _ in found.entries],
+                                     found.attributes)

@@ -64,7 +64,7 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
                 from dmfs.grpc.server import snapshots_api
 
                 await stack.enter_async_context(snapshots_api(
-                    engine, config.grpc_address, gid, operations.changed_elsewhere))
+                    engine, config.grpc_address, gid, operations.follower.changed_elsewhere))
             pyfuse3.init(operations, os.fspath(mountpoint), fuse_options(config, extra_options))
             stack.callback(_close_fuse)
             stack.callback(linkcache.forget, config.runtime_dir)
@@ -72,7 +72,7 @@ async def serve(config: Config, mountpoint: Path, *, extra_options: set[str] = f
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_stop_on_signals, on_stopping)
-                    nursery.start_soon(operations.follow_engine)
+                    nursery.start_soon(operations.follower.follow)
                     on_ready()
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()

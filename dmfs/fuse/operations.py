@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import pyfuse3
-import trio
 
 from dmfs.fuse import coherence, control, inodes, linkcache, listings, requests, xattrs
 from dmfs.fuse.boundary import errno_of, failsafe, refuse
@@ -65,36 +64,22 @@ class DmfsOperations(pyfuse3.Operations):
         # How the handlers' attribute changes reach the kernel; tests may replace
         # it.  On this thread: with attr_only the kernel only bumps the inode's
         # attribute version and takes no lock that a request holds.  What other
-        # front ends change reaches the kernel through follow_engine, in a
-        # worker thread (self.links.refresh: an entry's invalidation takes the
-        # directory's lock, which a request waiting for this loop may hold).
+        # front ends change reaches the kernel through the follower, in a
+        # worker thread (coherence.KernelFollower: an entry's invalidation takes
+        # the directory's lock, which a request waiting for this loop may hold).
         self._invalidate = on_change or (lambda inode: pyfuse3.invalidate_inode(
             inode, attr_only=True))
-        #: the state version whose changes the kernel has been told of
-        self._kernel_version: int = getattr(engine, "state_version", 0)
-        self._kernel_told = trio.Event()
-        self._following = False
         self.requests: Counter[str] = Counter()  # by handler (requests.counted)
         self.links = linkcache.LinkInvalidator(
             self.inodes, lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False))
+        #: what other front ends change reaches the kernel through it
+        self.follower = coherence.KernelFollower(self.ns, self.links)
         engine.before_unmount = self._unmount_coming
 
     def init(self) -> None:
         """pyfuse3 has negotiated with the kernel: say whether fs links are cached."""
         self.links.state = linkcache.negotiated(getattr(self, "cache_symlinks_granted", None))
         linkcache.announce(self.links.state, self.engine.config.runtime_dir)
-
-    async def changed_elsewhere(self, before: Info) -> None:
-        """Another front end (containerd's socket) committed or removed the
-        snapshot that was ``before``: return once the kernel has been told what
-        that made stale (:meth:`follow_engine` does the telling, for every
-        change; this only waits for it), so that a client that looks at the tree
-        after its request was answered never sees the old name."""
-        if not self._following:
-            return  # no kernel to tell (not mounted, or the session is over)
-        target = self.engine.state_version
-        while self._following and self._kernel_version < target:
-            await self._kernel_told.wait()
 
     async def _unmount_coming(self, device_id: int) -> None:
         """The engine is about to take a snapshot's files away (its hook)."""
@@ -446,44 +431,6 @@ class DmfsOperations(pyfuse3.Operations):
         except SnapshotError as error:
             self._engine_refusal(error, operation, path)
         self._invalidate(self.ns.node_inode(node))
-
-    # ------------------------------------------------------------------ the other front end
-    async def follow_engine(self) -> None:
-        """For the mount's life: after every change of the engine's state, by
-        whoever made it, invalidate what the kernel caches that is no longer so
-        (:mod:`dmfs.fuse.coherence`), in a worker thread and never once the
-        session closes (``self.links.refresh``).  Never raises: a failure is
-        logged and the next change tries again."""
-        version = self._kernel_version = self.engine.state_version
-        self._following = True
-        try:
-            while True:
-                since, version = version, await self.engine.changed(version)
-                try:
-                    await self.refresh_kernel_caches(self.engine.touched_since(since))
-                except Exception:
-                    log.exception("unexpected error bringing the kernel's caches up to date "
-                                  "(ignored)")
-                self._kernel_version = version
-                self._kernel_told.set()
-                self._kernel_told = trio.Event()
-        finally:
-            self._following = False
-            self._kernel_told.set()
-
-    async def refresh_kernel_caches(self, touched: tuple[set[int], set[str | None]] | None = None
-                                    ) -> None:
-        """Invalidate what the kernel holds that a change of the nodes ``touched``
-        (the engine's ``touched_since``; None: any node) made stale."""
-        found = coherence.stale(self.ns, touched)
-        for parent, name, _, removed in found.entries:
-            log.debug("invalidating %s (%s elsewhere)", self.ns.path(parent, name),
-                      "removed" if removed else "renamed")
-        for identity in found.gone:
-            self.inodes.snapshot_gone(identity)
-        if found.entries or found.attributes:
-            await self.links.refresh([(parent, name) for parent, name, _, _ in found.entries],
-                                     found.attributes)
 
     # ------------------------------------------------------------------ misc
     @failsafe

@@ -16,6 +16,12 @@ the trio thread when the sequence is over.
 Every public method raises only the engine's typed errors
 (:mod:`dmfs.pool.errors`): a failed dm operation, mount or journal write
 becomes InUse, NoSpace or PoolError, naming the operation and the snapshot.
+
+About 500 lines, and one piece on purpose: this is containerd's Snapshotter
+interface and nothing else (the kernel sequences are in steps, the tables in
+devices and mounts, the reads in reader), and each method's order of locks
+(engine lock, then device lock, then the store) is what makes concurrent
+requests safe; split by method, that order would be spread over files.
 """
 
 from __future__ import annotations
@@ -242,16 +248,22 @@ class Snapshotter(SnapshotReader):
             if mount is not None:
                 mount.touch()
                 return mount.path
-            snapshot = self._get(key)  # it may have changed while we waited
-            device = self.devices.get(snapshot.device_id)
-            if device is None or device.state is DeviceState.FAULTY:
-                why = device.error if device else "its device is missing"
-                raise FailedPrecondition(f"snapshot {key!r} is faulty: {why}")
-            if snapshot.pending is not None:
-                raise FailedPrecondition(f"snapshot {key!r} has a {snapshot.pending} in progress")
+            snapshot, device = self._usable(key)  # it may have changed while we waited
             read_only = snapshot.kind is not Kind.ACTIVE
             mount = await self.store.run(self.steps.make_available, device, read_only)
             return mount.path
+
+    def _usable(self, key: str) -> tuple[Snapshot, Device]:
+        """The snapshot and its device, when its files can be made available
+        (under the device's lock); FailedPrecondition when faulty or mid-commit."""
+        snapshot = self._get(key)
+        device = self.devices.get(snapshot.device_id)
+        if device is None or device.state is DeviceState.FAULTY:
+            why = device.error if device else "its device is missing"
+            raise FailedPrecondition(f"snapshot {key!r} is faulty: {why}")
+        if snapshot.pending is not None:
+            raise FailedPrecondition(f"snapshot {key!r} has a {snapshot.pending} in progress")
+        return snapshot, device
 
     @translated("mounts")
     async def block_device(self, key: str) -> BlockDevice:
@@ -269,14 +281,7 @@ class Snapshotter(SnapshotReader):
         lock = self.devices.lock(snapshot.device_id)
         if lock.locked() or not self._ready_for_client(snapshot, device):
             async with lock:
-                snapshot = self._get(key)  # it may have changed while we waited
-                device = self.devices.get(snapshot.device_id)
-                if device is None or device.state is DeviceState.FAULTY:
-                    why = device.error if device else "its device is missing"
-                    raise FailedPrecondition(f"snapshot {key!r} is faulty: {why}")
-                if snapshot.pending is not None:
-                    raise FailedPrecondition(f"snapshot {key!r} has a {snapshot.pending} "
-                                             "in progress")
+                snapshot, device = self._usable(key)  # it may have changed while we waited
                 if snapshot.kind is Kind.ACTIVE and device.id not in self.mounts:
                     await self.store.run(self.steps.make_available, device, False)
                 elif not device.is_live:

@@ -287,17 +287,18 @@ def test_a_change_elsewhere_is_answered_once_the_kernel_was_told() -> None:
         operations.inodes, lambda inode: None,
         lambda parent, name: told.append(("entry", (parent, name))),
         lambda inode: told.append(("attr", inode)))
+    operations.follower.links = operations.links
     ns = operations.ns
     ns.fixed_attrs(inodes.ROOT)
     base = held(ns, inodes.ROOT, b"base")
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(operations.follow_engine)
+            nursery.start_soon(operations.follower.follow)
             await trio.testing.wait_all_tasks_blocked()
             before = engine.infos["base"]
             engine.drop("base")  # what the socket's Remove did
-            await operations.changed_elsewhere(before)
+            await operations.follower.changed_elsewhere(before)
             assert told == [("entry", (inodes.ROOT, b"base")), ("attr", inodes.ROOT)]
             assert base in [e.inode for e in ns.inodes.entries(EntryRole.NODE)]  # still held
             await operations.links.session_closing()
@@ -306,6 +307,6 @@ def test_a_change_elsewhere_is_answered_once_the_kernel_was_told() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert told == []  # the session is over: nothing reaches pyfuse3
             nursery.cancel_scope.cancel()
-        await operations.changed_elsewhere(before)  # the follower is gone: no waiting
+        await operations.follower.changed_elsewhere(before)  # the follower is gone: no waiting
 
     trio.run(scenario)
