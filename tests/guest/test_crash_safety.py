@@ -102,12 +102,20 @@ XFS_FAILPOINTS = ("prepare:after-mount", "commit:after-unmount", "remove:after-u
 
 
 def cases(prefix: str) -> list:  # type: ignore[type-arg]
-    """(failpoint, fs_type, driver): every failpoint on ext4 with each driver, and the
-    basic ones of XFS_FAILPOINTS on xfs."""
+    """(failpoint, fs_type, driver): every failpoint on ext4 with the default driver,
+    every other one with the dmsetup driver as well, and the basic ones of
+    XFS_FAILPOINTS on xfs.
+
+    Where the process dies is the engine's; the driver only carries out the dm
+    calls before it and the restart's, so half of the failpoints (alternating,
+    each operation's first step included) show the dmsetup driver's side: its
+    turn of all of them was 140 s of the guest tier, the longer of the two."""
+    names = failpoints(prefix)
     return ([pytest.param(name, "ext4", driver, id=f"{driver}-{name}")
-             for name in failpoints(prefix) for driver in DRIVERS]
+             for index, name in enumerate(names) for driver in DRIVERS
+             if driver == DEFAULT_DRIVER or index % 2 == 0]
             + [pytest.param(name, "xfs", DEFAULT_DRIVER, id=f"xfs-{name}")
-               for name in failpoints(prefix) if name in XFS_FAILPOINTS])
+               for name in names if name in XFS_FAILPOINTS])
 
 
 CASE_NAMES = ("failpoint", "fs_type", "driver")

@@ -83,7 +83,9 @@ def unmount(mountpoint: Path, pid: int) -> None:
     assert wait_for_exit(pid), f"dmfs {pid} did not stop after umount"
 
 
-@pytest.mark.no_udev_only  # nothing here depends on udev, and it takes a minute and a half
+# Nothing here depends on udev, and it takes most of a minute: in the guest-udev
+# tier only, which is the shorter of the two.
+@pytest.mark.guest_udev_tier
 def test_install_use_and_uninstall(scratch_dir: Path, thin_pool: LoopPool) -> None:
     if not any(WHEELS.glob("setuptools-*.whl")) or not any(WHEELS.glob("pyfuse3-*.whl")):
         pytest.fail(f"no wheels in {WHEELS}: run contrib/install on the host first (the "
