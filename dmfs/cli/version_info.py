@@ -51,23 +51,25 @@ def libfuse_version() -> str:
 
 
 def pyfuse3_caches_symlinks() -> bool | None:
-    """Whether this pyfuse3 can ask the kernel to cache symlink targets (a patched
-    build sets ``Operations.enable_cache_symlinks``); None when pyfuse3 is missing."""
+    """Whether this pyfuse3 can ask the kernel to cache symlink targets (the tree's
+    own answer, :data:`dmfs.fuse.linkcache.PYFUSE3_CAN_ASK`); None when pyfuse3
+    is missing."""
     try:
-        import pyfuse3
+        from dmfs.fuse.linkcache import PYFUSE3_CAN_ASK
     except ImportError:
         return None
-    return getattr(pyfuse3.Operations, "enable_cache_symlinks", None) is not None
+    return PYFUSE3_CAN_ASK
 
 
 def pyfuse3_caches_listings() -> bool | None:
-    """Whether this pyfuse3's opendir can ask the kernel to cache listings (a
-    patched build has ``FileInfo.cache_readdir``); None when pyfuse3 is missing."""
+    """Whether this pyfuse3's opendir can ask the kernel to cache listings (the
+    tree's own answer, :data:`dmfs.fuse.listings.PYFUSE3_CAN_CACHE`); None when
+    pyfuse3 is missing."""
     try:
-        import pyfuse3
+        from dmfs.fuse.listings import PYFUSE3_CAN_CACHE
     except ImportError:
         return None
-    return hasattr(pyfuse3.FileInfo(), "cache_readdir")
+    return PYFUSE3_CAN_CACHE
 
 
 def kernel_release(release: str | None = None) -> tuple[str, tuple[int, int] | None]:

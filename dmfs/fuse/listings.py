@@ -70,7 +70,8 @@ class Listings:
         """A handle for listing directory ``inode`` (opendir's answer): with the
         flags that let the kernel cache the listing when pyfuse3 can send them.
         ENOTDIR for a link, ENOENT for an inode that is gone."""
-        containerd = self.ns.containerd_entries(inode) is not None
+        containerd = (inode == inodes.CONTAINERD_DIR
+                      or self.ns.inodes.namespace_of(inode) is not None)
         if inode not in (inodes.ROOT, inodes.CONTROL_DIR, inodes.BY_NAME_DIR) \
                 and not containerd and self.ns.node(inode) is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR if self.ns.snapshot(inode) else errno.ENOENT)
