@@ -1,5 +1,5 @@
-"""Fault injection for tests: ``DMFS_FAILPOINT`` kills the process or raises an error
-at a named point.
+"""Fault injection for tests: ``DMFS_FAILPOINT`` kills or stops the process, or raises
+an error, at a named point.
 
 The engine and its drivers call :func:`failpoint` between the steps of each
 operation (kill points) and just before the system calls that can fail (raise
@@ -11,6 +11,9 @@ that tuple, so a new name is covered as soon as it is declared.
 
     NAME            kill the process there (SIGKILL: no cleanup, like a crash)
     NAME=kill       the same
+    NAME=stop       stop the process there (SIGSTOP), for a test to act on from
+                    outside at a known step: kill it (a crash whose moment the
+                    test chose, not the code) or let it go on (SIGCONT)
     NAME=ERRNO      raise OSError(ERRNO, "injected fault at NAME"), ERRNO being a
                     name from the errno module: EIO, EBUSY, ENOSPC, ...
     ...*N           (suffix) fire only the first N times, then do nothing
@@ -76,6 +79,7 @@ FAILPOINTS = (
 ErrorFactory = Callable[[int, str], OSError]
 
 KILL = "kill"
+STOP = "stop"
 
 
 class FailpointSpecError(ValueError):
@@ -84,15 +88,20 @@ class FailpointSpecError(ValueError):
 
 @dataclass
 class Action:
-    """What one armed failpoint does: kill, or raise ``errno``; ``remaining``
-    firings left (None: every time)."""
+    """What one armed failpoint does: send the signal ``sends`` to the process
+    (SIGKILL or SIGSTOP), or raise ``errno``; ``remaining`` firings left (None: every time)."""
 
-    errno: int | None  # None: kill
+    errno: int | None  # None: send ``sends``
     remaining: int | None = None
+    sends: int = signal.SIGKILL
 
     @property
     def kills(self) -> bool:
-        return self.errno is None
+        return self.errno is None and self.sends == signal.SIGKILL
+
+    @property
+    def stops(self) -> bool:
+        return self.errno is None and self.sends == signal.SIGSTOP
 
 
 def parse(text: str) -> dict[str, Action]:
@@ -117,15 +126,18 @@ def parse(text: str) -> dict[str, Action]:
         if name in armed:
             raise FailpointSpecError(f"{ENVIRONMENT_VARIABLE}: failpoint {name!r} is given "
                                      "twice")
+        sent = signal.SIGKILL
         if not equals or what == KILL:
             code = None
+        elif what == STOP:
+            code, sent = None, signal.SIGSTOP
         else:
             code = getattr(errno, what, None) if what.startswith("E") else None
             if not isinstance(code, int):
                 raise FailpointSpecError(
-                    f"{ENVIRONMENT_VARIABLE}: {spec!r}: {what!r} is neither 'kill' nor an "
-                    "errno name (EIO, EBUSY, ENOSPC, ...)")
-        armed[name] = Action(code, remaining)
+                    f"{ENVIRONMENT_VARIABLE}: {spec!r}: {what!r} is neither 'kill', 'stop' "
+                    "nor an errno name (EIO, EBUSY, ENOSPC, ...)")
+        armed[name] = Action(code, remaining, sent)
     return armed
 
 
@@ -139,7 +151,7 @@ _count_lock = threading.Lock()
 
 
 def failpoint(name: str, error: ErrorFactory = OSError) -> None:
-    """Kill the process or raise an injected error here, if ``name`` is armed."""
+    """Kill or stop the process, or raise an injected error, here if ``name`` is armed."""
     if _armed is not None:
         _fire(name, error)
 
@@ -156,9 +168,10 @@ def _fire(name: str, error: ErrorFactory) -> None:
             if action.remaining == 0:
                 return
             action.remaining -= 1
-    if action.kills:
-        log.warning("failpoint %s: killing the process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if action.errno is None:
+        log.warning("failpoint %s: %s the process", name,
+                    "stopping" if action.stops else "killing")
+        os.kill(os.getpid(), action.sends)
         return
     assert action.errno is not None
     log.warning("failpoint %s: raising %s", name, errno.errorcode[action.errno])

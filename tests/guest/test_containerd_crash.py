@@ -5,8 +5,9 @@ a snapshot containerd no longer names (the unpack removed its record when the
 request failed, or never got the answer that would have made one).  containerd
 removes such snapshots itself, with its garbage collector, the next time that
 collector runs over dmfs, which a removal of any dmfs snapshot through
-containerd triggers.  These tests kill dmfs at a fixed step (a failpoint) and
-at a moment the tree shows (a kill from outside), restart it as its service
+containerd triggers.  These tests kill dmfs at a fixed step (a failpoint that
+kills) and from outside while a failpoint holds it stopped after the first
+layer's commit is recorded (a crash between layers), restart it as its service
 manager would, and check that containerd's next request succeeds once its
 connection to dmfs is back (grpc-go reconnects with a backoff of at most 3 s;
 until then containerd answers Unavailable) and that, after that collection,
@@ -39,6 +40,7 @@ from tests.support.torture import (
     check,
     clear_dead_mount,
     faulty_snapshots,
+    pid_stopped,
     read_snapshots,
     start,
     tree_matches_snapshots,
@@ -141,11 +143,17 @@ def test_killed_at_the_first_commit_of_an_import(stack: Stack,
 
 def test_killed_from_outside_between_layers(stack: Stack,
                                             session_note: Callable[[str], None]) -> None:
+    # The image's layers are small: the whole import takes less time than a look at
+    # the tree, so a kill timed by looking would land after the import.  dmfs stops
+    # itself instead once it has recorded the first layer's commit, before it
+    # answers, and the kill comes from outside, to a process the test holds there.
+    stack.tree.unmount()
+    started = start(stack.tree, "commit:after-record=stop*1")
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: socket_answers(stack.socket), 30, "dmfs's socket")
     importing = subprocess.Popen(import_command(stack), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-    # the moment the first layer is committed, the second one is being unpacked
-    wait_until(lambda: any(not s["name"].split("/", 2)[2].startswith("extract-")
-                           for s in read_snapshots(stack.tree)), 60, "the first layer")
+    wait_until(lambda: pid_stopped(stack.tree.pid), 60, "dmfs to stop after the first layer")
     assert stack.tree.pid is not None
     os.kill(stack.tree.pid, signal.SIGKILL)
     stack.tree.wait_stopped()
@@ -153,4 +161,5 @@ def test_killed_from_outside_between_layers(stack: Stack,
     record: list[str] = []
     after_the_crash(stack, subprocess.CompletedProcess(importing.args, importing.returncode,
                                                        stdout, stderr), record)
-    session_note(f"kill -9 between layers of ctr images import: {'; '.join(record)}")
+    session_note(f"kill -9 from outside after the first layer's commit of ctr images import: "
+                 f"{'; '.join(record)}")

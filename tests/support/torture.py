@@ -85,17 +85,23 @@ def mount_answers(mountpoint: Path, timeout: float = 20.0) -> str | None:
     return None
 
 
-def pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` in /proc (R, S, D, T (stopped), Z, ...),
+    None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0]
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
     # A zombie has a pid too; a dead daemon is reaped by init in the guest.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    return False
+    return pid is not None and process_state(pid) not in (None, "Z")
+
+
+def pid_stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped by a signal (a ``=stop`` failpoint)."""
+    return pid is not None and process_state(pid) == "T"
 
 
 def daemon_problems(tree: MountedTree, since: int = 0) -> list[str]:

@@ -34,6 +34,12 @@ def test_a_bare_name_or_kill_kills() -> None:
     assert parse("fs:mount").get("fs:mount").kills  # type: ignore[union-attr]
 
 
+def test_stop_stops() -> None:
+    action = parse("commit:after-record=stop*1")["commit:after-record"]
+    assert action == Action(None, 1, signal.SIGSTOP)
+    assert action.stops and not action.kills
+
+
 def test_errno_names_and_counts() -> None:
     assert parse("fs:mount=EIO*1, dm:suspend=EBUSY,journal:fsync=ENOSPC*3,") == {
         "fs:mount": Action(errno.EIO, 1), "dm:suspend": Action(errno.EBUSY),
@@ -44,10 +50,10 @@ def test_errno_names_and_counts() -> None:
 
 @pytest.mark.parametrize(("text", "says"), [
     ("no:such-point", "unknown failpoint 'no:such-point'"),
-    ("fs:mount=EWHAT", "neither 'kill' nor an errno name"),
-    ("fs:mount=eio", "neither 'kill' nor an errno name"),
-    ("fs:mount=errorcode", "neither 'kill' nor an errno name"),
-    ("fs:mount=", "neither 'kill' nor an errno name"),
+    ("fs:mount=EWHAT", "neither 'kill', 'stop' nor an errno name"),
+    ("fs:mount=eio", "neither 'kill', 'stop' nor an errno name"),
+    ("fs:mount=errorcode", "neither 'kill', 'stop' nor an errno name"),
+    ("fs:mount=", "neither 'kill', 'stop' nor an errno name"),
     ("fs:mount=EIO*0", "at least 1"),
     ("fs:mount=EIO*x", "at least 1"),
     ("fs:mount=EIO*", "at least 1"),
@@ -158,6 +164,25 @@ def test_the_environment_is_read_at_import_and_kill_is_sigkill() -> None:
     assert result.stdout == "passed the first\n"
     assert "failpoint commit:after-intent: killing the process" in result.stderr
     assert run_python(code, None).stdout.endswith("survived\n")
+
+
+def test_stop_is_sigstop_and_the_process_goes_on_when_continued() -> None:
+    code = ("import logging; logging.basicConfig()\n"
+            "from dmfs.pool.failpoints import failpoint\n"
+            "print('before', flush=True)\n"
+            "failpoint('commit:after-record'); print('after', flush=True)\n")
+    env = {**os.environ, "DMFS_FAILPOINT": "commit:after-record=stop"}
+    with subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=PACKAGE.parent) as child:
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.readline() == "before\n"
+        # the process stops itself: waitpid reports it stopped, not exited
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+        os.kill(child.pid, signal.SIGCONT)
+        assert child.stdout.read() == "after\n"
+        assert "failpoint commit:after-record: stopping the process" in child.stderr.read()
+        assert child.wait(timeout=60) == 0
 
 
 def test_a_bad_variable_stops_the_program_at_import() -> None:
