@@ -19,10 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -32,7 +30,7 @@ from tests.support.containerd import (
     NAMESPACE,
     Stack,
     collect_garbage,
-    containerd_stack,
+    scratch_containerd_stack,
     socket_answers,
 )
 from tests.support.torture import (
@@ -50,11 +48,8 @@ from tests.support.tree import wait_until
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    workdir = Path(tempfile.mkdtemp(prefix="dmfs-ctd-crash-", dir="/dev/shm"))
-    workdir.chmod(0o755)
-    with containerd_stack(workdir, layers=3) as stack:
+    with scratch_containerd_stack("dmfs-ctd-crash-", layers=3) as stack:
         yield stack
-    subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 def import_command(stack: Stack) -> list[str]:
@@ -127,12 +122,17 @@ def after_the_crash(stack: Stack, interrupted: subprocess.CompletedProcess[str],
     assert result.clean, result.describe()
 
 
-def test_killed_at_the_first_commit_of_an_import(stack: Stack,
-                                                 session_note: Callable[[str], None]) -> None:
+def restart_with(stack: Stack, failpoints: str) -> None:
+    """dmfs unmounted and started again with ``failpoints`` armed, its socket answering."""
     stack.tree.unmount()
-    started = start(stack.tree, "commit:after-intent=kill")
+    started = start(stack.tree, failpoints)
     assert started.returncode == 0, started.stderr
     wait_until(lambda: socket_answers(stack.socket), 30, "dmfs's socket")
+
+
+def test_killed_at_the_first_commit_of_an_import(stack: Stack,
+                                                 session_note: Callable[[str], None]) -> None:
+    restart_with(stack, "commit:after-intent=kill")
     interrupted = subprocess.run(import_command(stack), capture_output=True, text=True,
                                  timeout=300, check=False)
     stack.tree.wait_stopped()  # the failpoint killed it
@@ -147,10 +147,7 @@ def test_killed_from_outside_between_layers(stack: Stack,
     # the tree, so a kill timed by looking would land after the import.  dmfs stops
     # itself instead once it has recorded the first layer's commit, before it
     # answers, and the kill comes from outside, to a process the test holds there.
-    stack.tree.unmount()
-    started = start(stack.tree, "commit:after-record=stop*1")
-    assert started.returncode == 0, started.stderr
-    wait_until(lambda: socket_answers(stack.socket), 30, "dmfs's socket")
+    restart_with(stack, "commit:after-record=stop*1")
     importing = subprocess.Popen(import_command(stack), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
     wait_until(lambda: pid_stopped(stack.tree.pid), 60, "dmfs to stop after the first layer")

@@ -23,7 +23,6 @@ import random
 import re
 import stat
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from tests.support.containerd import (
     NATIVE_SNAPSHOTTER,
     Stack,
     collect_garbage,
-    containerd_stack,
+    scratch_containerd_stack,
 )
 from tests.support.snapshots_client import GC_ROOT, SnapshotsClient
 from tests.support.torture import (
@@ -55,11 +54,8 @@ INHERITED = re.compile(r"containerd\.io/snapshot/.*|containerd\.io/snapshot\.ref
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    workdir = Path(tempfile.mkdtemp(prefix="dmfs-ctd-", dir="/dev/shm"))
-    workdir.chmod(0o755)
-    with containerd_stack(workdir, layers=3) as stack:
+    with scratch_containerd_stack("dmfs-ctd-", layers=3) as stack:
         yield stack
-    subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 @pytest.fixture

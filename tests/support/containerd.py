@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,20 @@ def containerd_stack(workdir: Path, *, layers: int = 2, **dmfs_settings: object
                 yield Stack(pool, tree, address, daemon, image)
         finally:
             tree.cleanup()
+
+
+
+@contextlib.contextmanager
+def scratch_containerd_stack(prefix: str, *, layers: int = 2) -> Iterator[Stack]:
+    """:func:`containerd_stack` in a fresh directory of /dev/shm (mode 0755: the
+    container's processes, not root, reach its files), removed afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"))
+    workdir.chmod(0o755)
+    try:
+        with containerd_stack(workdir, layers=layers) as stack:
+            yield stack
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 # ---------------------------------------------------------------------- the image
