@@ -3,7 +3,7 @@ tree at once: every method through the socket, every error code, the client's
 own mounts beside dmfs's (Remove, Commit, idle expiry and a restart while the
 client holds a device), the socket's permissions, and concurrent requests.
 
-The client here is Python's grpc with dmfs's modules (tests/support/grpc_client.py);
+The client here is Python's grpc with dmfs's modules (tests/support/snapshots_client.py);
 tests/guest/test_containerd*.py drive the same socket with containerd and ctr.
 """
 
@@ -25,8 +25,8 @@ import grpc
 import pytest
 
 from dmfs.grpc.proto import snapshots_pb2 as api
-from tests.support.grpc_client import SnapshotsClient, mounted
 from tests.support.loop_pool import LoopPool, loop_pool
+from tests.support.snapshots_client import SnapshotsClient, mounted
 from tests.support.tree import MountedTree, as_user, dmfs, wait_until, write_config
 
 Code = grpc.StatusCode
@@ -147,7 +147,7 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
         scratch_dir: Path) -> None:
     key = "default/1/extract-1 sha256:aaa"
     ref = {"containerd.io/snapshot.ref": "sha256:aaa"}
-    [mount] = client.prepare(key, **{"containerd.io/snapshot/x": "1", "empty": ""})
+    [mount] = client.prepare(key, labels={"containerd.io/snapshot/x": "1", "empty": ""})
     assert (mount.type, list(mount.options)) == ("ext4", [])
     assert mount.source.startswith(f"/dev/mapper/{thin_pool.name}-snap-")
     # in the tree at once: node, kind, label, snapshots.json
@@ -162,7 +162,7 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
     assert client.usage(key).size > 0
     by_name = tree.path(".dmfs", "by-name", node(tree, key).name)
     assert by_name.is_symlink() and stat.S_IMODE(node(tree, key).stat().st_mode) == 0o755
-    client.commit("default/2/sha256:aaa", key, **ref)
+    client.commit("default/2/sha256:aaa", key, ref)
     # the kernel held the old name (entries are cached for minutes): the tree told it
     assert not os.path.lexists(node(tree, key)) and not os.path.lexists(by_name)
     committed = client.stat("default/2/sha256:aaa")
@@ -191,11 +191,11 @@ def test_every_method_through_the_socket_as_the_tree_sees_it(
     assert client.mounts("default/3/child") == [child_mount]
 
     # Update: one label, all labels; the tree's xattrs follow
-    info = client.update("default/3/child", ["labels.team"], team="db")
+    info = client.update("default/3/child", ["labels.team"], {"team": "db"})
     assert dict(info.labels) == {"team": "db"}
     assert xattr(node(tree, "default/2/sha256:aaa", "default/3/child"),
                  "user.label.team") == "db"
-    info = client.update("default/3/child", ["labels"], color="blue")
+    info = client.update("default/3/child", ["labels"], {"color": "blue"})
     assert dict(info.labels) == {"color": "blue"}
     # List with containerd's filters
     assert [i.name for i in client.list()] == ["default/2/sha256:aaa", "default/3/child",
