@@ -151,14 +151,19 @@ def held(ns: Namespace, parent: int, name: bytes) -> int:
     return inode
 
 
-def test_changes_made_elsewhere_are_found_stale() -> None:
-    engine = containerd_pool()
+def kernel_holding_the_chain(engine: object) -> tuple[Namespace, int, int, int]:
+    """A view of ``engine`` whose kernel has looked up the root and containerd's
+    chain of two layers with the container ``web`` on top; their inodes."""
     ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
     ns.fixed_attrs(inodes.ROOT)
-    bottom_name = f"default%2F4%2F{CHAIN1}".encode()
-    bottom = held(ns, inodes.ROOT, bottom_name)
+    bottom = held(ns, inodes.ROOT, f"default%2F4%2F{CHAIN1}".encode())
     top = held(ns, bottom, f"default%2F6%2F{CHAIN2}".encode())
-    web = held(ns, top, b"default%2F9%2Fweb")
+    return ns, bottom, top, held(ns, top, b"default%2F9%2Fweb")
+
+
+def test_changes_made_elsewhere_are_found_stale() -> None:
+    engine = containerd_pool()
+    ns, bottom, top, web = kernel_holding_the_chain(engine)
     assert not coherence.stale(ns)  # nothing changed
 
     # containerd commits web as default/10/app: same device, new name and mode
@@ -194,12 +199,7 @@ def test_what_the_kernel_never_saw_is_not_invalidated() -> None:
 
 def test_only_what_the_engine_says_changed_is_compared() -> None:
     engine = containerd_pool()
-    ns = Namespace(engine, admin_gid=None)  # type: ignore[arg-type]
-    ns.fixed_attrs(inodes.ROOT)
-    bottom_name = f"default%2F4%2F{CHAIN1}".encode()
-    bottom = held(ns, inodes.ROOT, bottom_name)
-    top = held(ns, bottom, f"default%2F6%2F{CHAIN2}".encode())
-    web = held(ns, top, b"default%2F9%2Fweb")
+    ns, _, top, web = kernel_holding_the_chain(engine)
     base = held(ns, inodes.ROOT, b"base")
     engine.drop("default/9/web")
     engine.drop("base")
