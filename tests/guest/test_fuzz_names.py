@@ -241,12 +241,9 @@ class Model:
             return only(errno.EEXIST)
         if flags & XATTR_REPLACE and not exists:
             return only(errno.ENODATA)
-        if target is None:
-            return only(errno.ENOTSUP)
-        if name.startswith(INFO):
-            return only(errno.EPERM)
-        if not name.startswith(LABEL) or name == LABEL:
-            return only(errno.ENOTSUP)
+        refused = self.not_a_label(target, name)
+        if refused is not None:
+            return refused
         key = name[len(LABEL):]
         outcome = Outcome(set(), may_succeed=True)
         if reference_text(key) is None or reference_text(value) is None:
@@ -256,15 +253,25 @@ class Model:
             outcome.may_succeed = False
         return outcome
 
-    def removexattr(self, target: Path | None, name: bytes) -> Outcome:
-        if not name or len(name) > XATTR_NAME_MAX:
-            return only(errno.ERANGE)
+    @staticmethod
+    def not_a_label(target: Path | None, name: bytes) -> Outcome | None:
+        """How a change of ``name`` on ``target`` (None: not a node) is refused
+        when it is no label of a node; None when it is one."""
         if target is None:
             return only(errno.ENOTSUP)
         if name.startswith(INFO):
             return only(errno.EPERM)
         if not name.startswith(LABEL) or name == LABEL:
             return only(errno.ENOTSUP)
+        return None
+
+    def removexattr(self, target: Path | None, name: bytes) -> Outcome:
+        if not name or len(name) > XATTR_NAME_MAX:
+            return only(errno.ERANGE)
+        refused = self.not_a_label(target, name)
+        if refused is not None:
+            return refused
+        assert target is not None
         if name in self.nodes[target].labels:
             return Outcome(set(), may_succeed=True)
         outcome = only(errno.ENODATA)
