@@ -2,20 +2,22 @@
 
 containerd keys may contain ``/``; in the tree ``%`` and ``/`` are
 percent-encoded (``%25``, ``%2F``), and so is a leading ``.`` (``%2E``), which
-would otherwise hide the node or collide with ``.``, ``..`` and ``.dmfs``.
-Decoding is strict: a name is valid only if encoding its key gives it back,
-so every key has exactly one name.  Names reach the daemon as bytes; keys are
-text (containerd's keys are protobuf strings), so a name that is not valid
-UTF-8 names no snapshot: a lookup finds nothing, a mkdir or rename to it is
-refused with EINVAL.
+would otherwise hide the node or collide with ``.``, ``..`` and ``.dmfs``.  The
+encoding is the engine's (:func:`dmfs.pool.encode_key`: the engine gives no
+snapshot a key without a name in the tree).  Decoding is strict: a name is
+valid only if encoding its key gives it back, so every key has exactly one
+name.  Names reach the daemon as bytes; keys are text (containerd's keys are
+protobuf strings), so a name that is not valid UTF-8 names no snapshot: a
+lookup finds nothing, a mkdir or rename to it is refused with EINVAL.
 """
 
 from __future__ import annotations
 
-NAME_MAX = 255
-#: names a user cannot mkdir: ``fs`` is every node's file link, so a snapshot
-#: called ``fs`` could never appear as a child
-RESERVED_KEYS = frozenset({"fs"})
+from dmfs.pool import NAME_MAX, RESERVED_KEYS, encode_key
+
+__all__ = ["NAME_MAX", "BadName", "NameTooLong", "check_new_key", "decode_entry",
+           "decode_name", "display", "encode_key"]
+
 _ESCAPES = {"25": "%", "2F": "/", "2E": "."}
 
 
@@ -39,14 +41,6 @@ def decode_entry(raw: bytes) -> str:
     except UnicodeDecodeError:
         raise BadName(f"{display(raw)!r} is not valid UTF-8") from None
     return decode_name(name)
-
-
-def encode_key(key: str) -> str:
-    """The directory entry name of a snapshot key."""
-    name = key.replace("%", "%25").replace("/", "%2F")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    return name
 
 
 def decode_name(name: str) -> str:

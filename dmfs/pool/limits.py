@@ -1,8 +1,18 @@
-"""What the engine accepts as keys and labels: containerd's limits, as text.
+"""What the engine accepts as keys and labels: containerd's limits, as text, and
+a name in the tree for every key.
 
 Keys and labels are protobuf strings in containerd's API, so they must be
 valid Unicode (a name with undecodable bytes smuggled in as surrogates cannot
 be journaled as UTF-8 and is refused here, not where it would crash).
+
+Every snapshot is a node of the tree (DESIGN.md §1), whichever front end made
+it, so a new key must have a name there: its percent-encoding (:func:`encode_key`)
+at most NAME_MAX bytes, and not ``fs``, which is every node's file link.  The
+front ends check the same before they ask (the tree answers ENAMETOOLONG); the
+engine's check holds the rule for every client, e.g. a gRPC Prepare of a key
+that no directory could show.  containerd's own keys (``<namespace>/<n>/<name>``,
+each of those at most 76 characters by its identifier rules, or an unpack's
+``extract-<nanos>-<random> sha256:<digest>``) stay far below it.
 """
 
 from __future__ import annotations
@@ -13,6 +23,11 @@ from dmfs.pool.errors import InvalidArgument, LabelTooLarge
 
 MAX_LABEL_SIZE = 4096  # containerd: key + value
 MAX_KEY_SIZE = 4096
+#: a key's name in the tree, in bytes (the kernel's limit for a directory entry)
+NAME_MAX = 255
+#: keys no snapshot may have: ``fs`` is every node's file link, so a snapshot
+#: called ``fs`` could never appear as a child
+RESERVED_KEYS = frozenset({"fs"})
 #: no limit of its own: what matters for labels is their size together
 MAX_TEXT = 2**31
 
@@ -33,8 +48,27 @@ def check_text(text: object, what: str, limit: int) -> str:
     return text
 
 
+def encode_key(key: str) -> str:
+    """The directory entry name of a snapshot key: ``%`` and ``/`` percent-encoded
+    (``%25``, ``%2F``), and a leading ``.`` (``%2E``), which would otherwise hide
+    the node or collide with ``.``, ``..`` and ``.dmfs``."""
+    name = key.replace("%", "%25").replace("/", "%2F")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name
+
+
 def check_key(key: object, what: str = "snapshot key") -> str:
-    return check_text(key, what, MAX_KEY_SIZE)
+    """A key a new snapshot may have: valid text with a name in the tree."""
+    text = check_text(key, what, MAX_KEY_SIZE)
+    if text in RESERVED_KEYS:
+        raise InvalidArgument(f"{what} {text!r} is reserved: every node in the tree has an "
+                              "entry of that name")
+    size = len(encode_key(text).encode())
+    if size > NAME_MAX:
+        raise InvalidArgument(f"{what} {text[:40]!r}... would have a name of {size} bytes in "
+                              f"the tree, more than {NAME_MAX}")
+    return text
 
 
 def check_labels(labels: Mapping[str, str | None]) -> None:
