@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from dmfs.cli.preflight import (
 )
 from dmfs.pool.dmsetup import DmsetupDriver
 from tests.support.loop_pool import LoopPool, run
+from tests.support.tree import hellofs_mounted
 
 pytestmark = pytest.mark.no_udev_only
 
@@ -53,20 +52,10 @@ def test_mountpoint_with_something_mounted_is_busy(scratch_dir: Path) -> None:
 
 def test_stale_fuse_mount_says_how_to_clear_it(scratch_dir: Path) -> None:
     mountpoint = scratch_dir / "stale"
-    mountpoint.mkdir()
-    helper = Path(__file__).parent.parent / "support" / "hellofs.py"
-    fs = subprocess.Popen([sys.executable, str(helper), str(mountpoint)],
-                          stdout=subprocess.PIPE, text=True)
-    try:
-        assert fs.stdout is not None and fs.stdout.readline().strip() == "ready"
+    with hellofs_mounted(mountpoint) as fs:
         fs.kill()
         fs.wait()
         with pytest.raises(EnvironmentProblem,
                            match=rf"^mountpoint {mountpoint} is a stale FUSE mount whose daemon "
                                  rf"is gone: clear it with `umount -l {mountpoint}`$"):
             require_mountpoint(mountpoint)
-    finally:
-        if fs.poll() is None:
-            fs.kill()
-            fs.wait()
-        run("umount", "-l", str(mountpoint), check=False)

@@ -8,8 +8,6 @@ device events through pyudev in a trio loop.  Runs with and without udevd.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
@@ -17,6 +15,7 @@ import trio
 from dmfs.pool.status import parse_pool_status, parse_thin_status
 from dmfs.pool.udev import DmEventMonitor, udevd_running
 from tests.support.loop_pool import LoopPool, run
+from tests.support.tree import hellofs_mounted
 
 THIN_SECTORS = 128 * 2**20 // 512  # 128 MiB virtual size
 
@@ -101,24 +100,12 @@ def test_pool_status_line_parses(thin_pool: LoopPool) -> None:
 
 def test_pyfuse3_trio_filesystem_mounts_and_reads(scratch_dir: Path) -> None:
     mountpoint = scratch_dir / "hello"
-    mountpoint.mkdir()
-    helper = Path(__file__).parent.parent / "support" / "hellofs.py"
-    fs = subprocess.Popen([sys.executable, str(helper), str(mountpoint)],
-                          stdout=subprocess.PIPE, text=True)
-    try:
-        # hellofs prints "ready" after pyfuse3.init() has mounted it.
-        assert fs.stdout is not None
-        assert fs.stdout.readline().strip() == "ready"
+    with hellofs_mounted(mountpoint) as fs:
         assert os.listdir(mountpoint) == ["hello"]
         assert (mountpoint / "hello").read_text() == (
             "hello from a pyfuse3 + trio filesystem\n")
         run("umount", str(mountpoint))
         assert fs.wait(timeout=30) == 0
-    finally:
-        if fs.poll() is None:
-            run("umount", "-l", str(mountpoint), check=False)
-            fs.kill()
-            fs.wait()
 
 
 async def test_dm_device_events_reach_trio_through_pyudev(thin_pool: LoopPool) -> None:

@@ -91,12 +91,18 @@ def test_after_kill_9_the_next_mount_recovers(tree: MountedTree, thin_pool: Loop
     check_stopped_cleanly(tree, thin_pool)
 
 
-def test_committed_snapshots_unmount_when_idle_but_not_while_used(
-        unmounted_tree: MountedTree) -> None:
+@pytest.fixture
+def idle_in_a_second(unmounted_tree: MountedTree) -> MountedTree:
+    """The tree mounted with ``idle_timeout = "1s"``."""
     unmounted_tree.config.write_text(
         unmounted_tree.config.read_text().replace('idle_timeout = "1h"', 'idle_timeout = "1s"'))
-    tree = unmounted_tree
-    tree.mount()
+    unmounted_tree.mount()
+    return unmounted_tree
+
+
+def test_committed_snapshots_unmount_when_idle_but_not_while_used(
+        idle_in_a_second: MountedTree) -> None:
+    tree = idle_in_a_second
     m = tree.mountpoint
     for name in ("free", "held"):
         (m / f"{name}.w").mkdir()
@@ -120,11 +126,8 @@ def test_committed_snapshots_unmount_when_idle_but_not_while_used(
 
 
 def test_mounts_adopted_after_kill_9_still_unmount_when_idle(
-        unmounted_tree: MountedTree) -> None:
-    unmounted_tree.config.write_text(
-        unmounted_tree.config.read_text().replace('idle_timeout = "1h"', 'idle_timeout = "1s"'))
-    tree = unmounted_tree
-    tree.mount()
+        idle_in_a_second: MountedTree) -> None:
+    tree = idle_in_a_second
     m = tree.mountpoint
     (m / "layer.w").mkdir()
     (m / "layer.w").rename(m / "layer")

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dmfs.cli.mount import wait_for_exit
@@ -154,6 +154,26 @@ def as_user(uid: int, gid: int, groups: list[int], call: Callable[[], object]) -
     os.waitpid(pid, 0)
     assert answer, "the child acting as another user died"
     return int(answer)
+
+
+
+@contextlib.contextmanager
+def hellofs_mounted(mountpoint: Path) -> Iterator[subprocess.Popen[str]]:
+    """tests/support/hellofs.py (a trivial pyfuse3 + trio filesystem) mounted at
+    the new directory ``mountpoint`` until the block ends; then killed if it
+    still runs, and its mount cleared."""
+    mountpoint.mkdir()
+    fs = subprocess.Popen([sys.executable, str(Path(__file__).parent / "hellofs.py"),
+                           str(mountpoint)], stdout=subprocess.PIPE, text=True)
+    try:
+        # hellofs prints "ready" after pyfuse3.init() has mounted it.
+        assert fs.stdout is not None and fs.stdout.readline().strip() == "ready"
+        yield fs
+    finally:
+        if fs.poll() is None:
+            fs.kill()
+            fs.wait()
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
