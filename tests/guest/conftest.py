@@ -126,11 +126,44 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+#: the quick tier's guest tests (``contrib/run-tests quick``), by node id under
+#: tests/guest/: one or a few of each part of the contract, so that a developer
+#: learns in a minute or two whether a change broke something that matters; the
+#: full tiers run everything
+QUICK = (
+    "test_stack_smoke.py",
+    "test_engine.py::test_layers_with_every_kind_of_file_change[ioctl]",
+    "test_engine.py::test_state_survives_restart[ioctl]",
+    "test_tree_contract.py::test_mkdir_under_committed_prepares_a_child_with_its_content",
+    "test_tree_contract.py::test_mv_of_an_active_node_commits_it",
+    "test_tree_contract.py::test_rmdir_of_a_node_in_use_is_ebusy_and_removes_nothing",
+    "test_tree_contract.py::test_labels_are_extended_attributes",
+    "test_tree_contract.py::test_control_files",
+    "test_tree_lifecycle.py::test_after_kill_9_the_next_mount_recovers",
+    "test_crash_safety.py::test_killed_during_commit[ioctl-commit:after-suspend-resume]",
+    "test_fuzz_names.py",
+    "test_fuzz_grpc.py",
+    "test_grpc.py::test_every_method_through_the_socket_as_the_tree_sees_it",
+    "test_diff.py::test_diff_equals_the_model_across_three_layers",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under udevd the dmsetup driver's turn of a ``udev_default_driver_only``
-    test is left to the guest tier (marked ``no_udev_only``)."""
+    test is left to the guest tier (marked ``no_udev_only``); the tests QUICK
+    names are marked ``quick``, and when the quick tier runs, each of its names
+    must name a test (a renamed test would leave the tier silently)."""
+    found = set()
     for item in items:
         callspec = getattr(item, "callspec", None)
         if (callspec is not None and callspec.params.get("driver") == "dmsetup"
                 and item.get_closest_marker("udev_default_driver_only")):
             item.add_marker(pytest.mark.no_udev_only)
+        node = item.nodeid.removeprefix("tests/guest/")
+        for name in QUICK:
+            if node == name or node.startswith(name + "::"):
+                item.add_marker(pytest.mark.quick)
+                found.add(name)
+    if "quick" in (config.getoption("markexpr") or "") and set(QUICK) - found:
+        raise pytest.UsageError("the quick tier names tests that do not exist: "
+                                + ", ".join(sorted(set(QUICK) - found)))
