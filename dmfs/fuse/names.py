@@ -13,7 +13,7 @@ lookup finds nothing, a mkdir or rename to it is refused with EINVAL.
 
 from __future__ import annotations
 
-from dmfs.pool import NAME_MAX, RESERVED_KEYS, encode_key
+from dmfs.pool import NAME_MAX, RESERVED_KEYS, encode_key, shown
 
 __all__ = ["NAME_MAX", "BadName", "NameTooLong", "check_new_key", "decode_entry",
            "decode_name", "display", "encode_key"]
@@ -67,6 +67,6 @@ def decode_name(name: str) -> str:
 def check_new_key(key: str) -> None:
     """Refuse keys a user may not create through the tree."""
     if key in RESERVED_KEYS:
-        raise BadName(f"{key!r} is reserved (every node has an entry of that name)")
+        raise BadName(f"{shown(key)} is reserved (every node has an entry of that name)")
     if len(encode_key(key).encode()) > NAME_MAX:
-        raise NameTooLong(f"the name of {key[:32]!r}... is longer than {NAME_MAX} bytes")
+        raise NameTooLong(f"the name of {shown(key)} is longer than {NAME_MAX} bytes")

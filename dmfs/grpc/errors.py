@@ -62,21 +62,9 @@ class Refusal(Exception):
         self.message = message
 
 
-#: characters of a client's text (key, filter, field path) a log line or message shows
-SHOWN_TEXT = 80
-
-
 #: characters of a refusal's message at most: it travels back in the status trailer,
 #: which grpc clients cap (8 KiB by default in grpc's C core)
 MAX_MESSAGE = 1024
-
-
-def shown(text: str) -> str:
-    """``text`` quoted for a log line or a message, cut to SHOWN_TEXT characters:
-    grpc lets a client send a 4 MiB key, and the log should not grow by that much."""
-    if len(text) <= SHOWN_TEXT:
-        return repr(text)
-    return f"{text[:SHOWN_TEXT]!r}... ({len(text.encode(errors='replace'))} bytes)"
 
 
 def cut(message: str) -> str:

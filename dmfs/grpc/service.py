@@ -35,10 +35,10 @@ from datetime import datetime
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from dmfs.grpc.errors import answered, refuse, shown
+from dmfs.grpc.errors import answered, refuse
 from dmfs.grpc.proto import mount_pb2
 from dmfs.grpc.proto import snapshots_pb2 as api
-from dmfs.pool import BlockDevice, Info, Kind, Snapshotter
+from dmfs.pool import BlockDevice, Info, Kind, Snapshotter, shown
 
 #: snapshots per ListSnapshotsResponse (containerd's service sends 100)
 LIST_BATCH = 100

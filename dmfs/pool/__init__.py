@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "info": ("Info", "Usage", "BlockDevice"),
     "metadata": ("Kind", "DeviceState"),
     # which keys a snapshot may have, and each key's name in the tree
-    "limits": ("encode_key", "NAME_MAX", "RESERVED_KEYS"),
+    "limits": ("encode_key", "NAME_MAX", "RESERVED_KEYS", "shown"),
     # its errors, by type (errors.py says what each means)
     "errors": ("SnapshotError", "AlreadyExists", "NotFound", "InvalidArgument",
                "FailedPrecondition", "HasChildren", "InUse", "NoSpace", "PoolError",

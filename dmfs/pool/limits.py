@@ -30,6 +30,17 @@ NAME_MAX = 255
 RESERVED_KEYS = frozenset({"fs"})
 #: no limit of its own: what matters for labels is their size together
 MAX_TEXT = 2**31
+#: characters of a client's text (key, label, filter, field path) that a message
+#: or a log line shows
+SHOWN_TEXT = 80
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message or a log line, cut to SHOWN_TEXT characters:
+    grpc lets a client send a 4 MiB key, and the log should not grow by that much."""
+    if len(text) <= SHOWN_TEXT:
+        return repr(text)
+    return f"{text[:SHOWN_TEXT]!r}... ({len(text.encode(errors='replace'))} bytes)"
 
 
 def check_text(text: object, what: str, limit: int) -> str:
@@ -40,11 +51,11 @@ def check_text(text: object, what: str, limit: int) -> str:
     try:
         size = len(text.encode())
     except UnicodeEncodeError:
-        raise InvalidArgument(f"{what} {text!r} is not valid UTF-8 text") from None
+        raise InvalidArgument(f"{what} {shown(text)} is not valid UTF-8 text") from None
     if "\0" in text:
-        raise InvalidArgument(f"{what} {text[:40]!r} contains a NUL character")
+        raise InvalidArgument(f"{what} {shown(text)} contains a NUL character")
     if size > limit:
-        raise InvalidArgument(f"{what} {text[:40]!r}... is {size} bytes, more than {limit}")
+        raise InvalidArgument(f"{what} {shown(text)} is {size} bytes, more than {limit}")
     return text
 
 
@@ -62,11 +73,11 @@ def check_key(key: object, what: str = "snapshot key") -> str:
     """A key a new snapshot may have: valid text with a name in the tree."""
     text = check_text(key, what, MAX_KEY_SIZE)
     if text in RESERVED_KEYS:
-        raise InvalidArgument(f"{what} {text!r} is reserved: every node in the tree has an "
-                              "entry of that name")
+        raise InvalidArgument(f"{what} {shown(text)} is reserved: every node in the tree has "
+                              "an entry of that name")
     size = len(encode_key(text).encode())
     if size > NAME_MAX:
-        raise InvalidArgument(f"{what} {text[:40]!r}... would have a name of {size} bytes in "
+        raise InvalidArgument(f"{what} {shown(text)} would have a name of {size} bytes in "
                               f"the tree, more than {NAME_MAX}")
     return text
 
@@ -77,8 +88,8 @@ def check_labels(labels: Mapping[str, str | None]) -> None:
         # Text first (any length), then containerd's limit on key and value together.
         check_text(name, "label name", MAX_TEXT)
         if value:
-            check_text(value, f"the value of label {name!r}", MAX_TEXT)
+            check_text(value, f"the value of label {shown(name)}", MAX_TEXT)
         size = len(name.encode()) + len((value or "").encode())
         if size > MAX_LABEL_SIZE:
-            raise LabelTooLarge(f"label {name!r} is {size} bytes with its value, more than "
-                                f"{MAX_LABEL_SIZE}")
+            raise LabelTooLarge(f"label {shown(name)} is {size} bytes with its value, more "
+                                f"than {MAX_LABEL_SIZE}")
