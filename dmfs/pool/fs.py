@@ -12,7 +12,6 @@ every snapshot mount.  The engine only passes ``fs_type`` along.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import subprocess
@@ -28,7 +27,10 @@ MS_NODEV = 0x4
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library the interpreter itself runs on (dlopen(NULL), as in dmfs.pool.dmioctl):
+# ctypes.util.find_library("c") runs `ldconfig -p` at import, a process start
+# in every dmfs command.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
