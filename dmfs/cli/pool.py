@@ -7,6 +7,7 @@ the checks of the machine and the text for the terminal.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from dmfs.cli.common import (
     EXIT_OK,
@@ -32,16 +33,15 @@ from dmfs.cli.preflight import (
 from dmfs.pool import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LOW_WATER,
-    DestroyReport,
     LowWater,
     PoolError,
-    PoolReport,
     PoolSpecError,
-    create_loop_pool,
-    destroy_pool,
     plan_loop_pool,
 )
 from dmfs.units import SIZE_EXAMPLES, format_size
+
+if TYPE_CHECKING:
+    from dmfs.pool import DestroyReport, PoolReport
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -116,6 +116,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_pool_create(args: argparse.Namespace) -> int:
+    # dmfs.pool.loopback loads here, not with this module: every dmfs command
+    # imports it to build its parser.
+    from dmfs.pool import create_loop_pool
+
     try:
         spec = plan_loop_pool(args.name, args.loopback, args.size,
                               metadata_size=args.metadata_size, block_size=args.block_size,
@@ -132,6 +136,8 @@ def run_pool_create(args: argparse.Namespace) -> int:
 
 
 def run_pool_destroy(args: argparse.Namespace) -> int:
+    from dmfs.pool import destroy_pool
+
     require_root("dmfs pool destroy")
     require_device_mapper()
     dm = open_device_mapper(args.driver)
