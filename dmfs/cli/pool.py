@@ -33,7 +33,6 @@ from dmfs.cli.preflight import (
 from dmfs.pool import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LOW_WATER,
-    LowWater,
     PoolError,
     PoolSpecError,
     plan_loop_pool,
@@ -85,7 +84,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              f"multiple of 64KiB up to 1GiB (default: "
                              f"{format_size(DEFAULT_BLOCK_SIZE)})")
     create.add_argument("--low-water", metavar="SIZE|PERCENT", type=low_water_argument,
-                        default=LowWater.parse(DEFAULT_LOW_WATER),
+                        default=DEFAULT_LOW_WATER,  # parsed by the type, when used
                         help=f"free space below which the kernel raises an event, as a size or "
                              f"a percentage of the data blocks (default: "
                              f"{DEFAULT_LOW_WATER.replace('%', '%%')})")

@@ -9,13 +9,16 @@ is impossible about it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.pool.dm import SECTOR_SIZE
 from dmfs.pool.errors import PoolSpecError
 from dmfs.pool.thinpool import PoolTable
 from dmfs.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from fractions import Fraction
 
 #: The kernel's limits on the data block size (thin-provisioning.rst).
 MIN_BLOCK_SIZE = 64 * 1024
@@ -46,6 +49,8 @@ class LowWater:
     @classmethod
     def parse(cls, text: str) -> LowWater:
         """``10%``, ``2.5%``, or a size such as ``512MiB``; ValueError otherwise."""
+        from fractions import Fraction  # (with decimal: not for every dmfs command's start)
+
         text = text.strip()
         if text.endswith("%"):
             try:
