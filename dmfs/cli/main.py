@@ -24,7 +24,7 @@ from dmfs.cli.common import (
 from dmfs.cli.preflight import EnvironmentProblem
 from dmfs.cli.version_info import VersionAction
 from dmfs.config import ConfigError
-from dmfs.pool import DmError, PoolAdminError
+from dmfs.pool import PoolAdminError
 
 #: Every command family, in the order ``dmfs --help`` lists their commands.
 COMMANDS = (mount, inspect, diff, pool, config, demo)
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of our output went away (`dmfs ... | head`): nothing to say to it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
-    except (OperationFailed, PoolAdminError, DmError, OSError) as error:
+    except (OperationFailed, PoolAdminError, OSError) as error:  # a DmError is an OSError
         log.debug("details", exc_info=True)
         log.error("%s", error)
         return EXIT_FAILED
