@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +44,11 @@ def require_root(action: str) -> None:
 
 def load_kernel_module(module: str) -> bool:
     """Try ``modprobe MODULE``; True when it succeeded."""
+    # shutil and subprocess (with a dozen modules they import) load where they
+    # are used: every dmfs command imports this module, few run a tool.
+    import shutil
+    import subprocess
+
     modprobe = shutil.which("modprobe") or "/sbin/modprobe"
     try:
         result = subprocess.run([modprobe, "-q", module], capture_output=True, check=False)
@@ -84,6 +87,8 @@ def require_device_mapper(*, load_module: Callable[[str], bool] = load_kernel_mo
 
 def require_tool(name: str, package: str) -> str:
     """The path of a command needed on PATH; EnvironmentProblem naming its package."""
+    import shutil
+
     path = shutil.which(name)
     if path is None:
         raise EnvironmentProblem(f"{name} not found on PATH: install the {package} package")

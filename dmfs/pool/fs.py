@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,4 +118,6 @@ def is_busy(error: OSError) -> bool:
 
 def discard(device: str) -> None:
     """Give a device's blocks back to the pool before it is deleted."""
+    import subprocess  # (not at import: every dmfs command imports this module)
+
     subprocess.run(["blkdiscard", device], check=True, capture_output=True)
