@@ -11,8 +11,14 @@ no timing.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from dmfs.cli.main import COMMAND_NAMES, COMMANDS, build_parser, command_to_run
 
 #: libraries only the daemon (or dmfs --version) needs, with what they cost
 #: at a command's start in the test guest (-X importtime, bytecode cached)
@@ -28,28 +34,67 @@ NOT_AT_START = {
 
 DIFF_START = """
 import contextlib, io, sys
-from dmfs.cli.main import build_parser
-parser = build_parser()
-parser.parse_args(["diff", "/srv/snapshots/base", "/srv/snapshots/base/app"])
-for argv in (["--help"], ["diff", "--help"]):
-    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
-        parser.parse_args(argv)
+from dmfs.cli.main import main
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    main(["--log-level", "debug", "diff", "--help"])
 # what run_diff imports before it compares: the comparison, the tree's names,
-# the thin delta and the ioctl driver (its node strategy included)
+# and for a thin delta the ioctl driver (its node strategy included)
 import dmfs.cli.diff, dmfs.diff, dmfs.diff.lineage, dmfs.fuse.names
+print(" ".join(sorted(sys.modules)))
 from dmfs.pool import ThinPool, device_node, mountinfo, open_driver, read_delta, thin_device_of
 from dmfs.pool.dmioctl import IoctlDriver
 from dmfs.pool.dmnodes import UdevNodes
 UdevNodes()
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    main(["--help"])
 print(" ".join(sorted(sys.modules)))
 """
+
+
+def loaded(modules: set[str], names: dict[str, str]) -> dict[str, str]:
+    return {name: why for name, why in names.items()
+            if name in modules or any(m.startswith(f"{name}.") for m in modules)}
 
 
 def test_dmfs_diff_and_help_start_without_the_daemons_libraries() -> None:
     result = subprocess.run([sys.executable, "-c", DIFF_START], capture_output=True,
                             text=True, check=True)
-    modules = set(result.stdout.split())
-    assert "dmfs.diff.compare" in modules and "dmfs.pool.dmioctl" in modules
-    loaded = {name: why for name, why in NOT_AT_START.items()
-              if name in modules or any(m.startswith(f"{name}.") for m in modules)}
-    assert not loaded, f"imported at the start of dmfs diff: {loaded}"
+    diff_start, everything = (set(line.split()) for line in result.stdout.splitlines())
+    assert "dmfs.diff.compare" in diff_start and "dmfs.pool.dmioctl" in everything
+    assert not loaded(everything, NOT_AT_START), "imported at the start of dmfs diff"
+    # dmfs diff reads no other command family's module, nor what only they need
+    others = {f"dmfs.cli.{family}": "another command's family"
+              for family in COMMANDS if family != "diff"}
+    others |= {"subprocess": "only commands that run a tool (dmfs diff: for a thin delta)",
+               "dmfs.pool.thinpool": "only commands that use the pool"}
+    assert not loaded(diff_start, others), "imported by dmfs diff before it compares"
+
+
+def test_the_registry_names_the_commands_each_family_adds() -> None:
+    def added(parser: argparse.ArgumentParser) -> list[str]:
+        return [name for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction) for name in action.choices]
+
+    assert added(build_parser()) == list(COMMAND_NAMES)
+    for names in COMMANDS.values():
+        for name in names:
+            assert added(build_parser(name)) == list(names)
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["diff", "a", "b"], "diff"),
+    (["--log-level", "debug", "status", "pool0.toml"], "status"),
+    (["--log-format=text", "pool", "create"], "pool"),
+    (["--help"], None), (["--version"], None), (["--log-level", "debug", "-h", "diff"], None),
+    (["nosuch"], None), ([], None), (["--log-l", "debug", "diff"], None),
+])
+def test_the_command_to_run_is_read_before_the_parser_is_built(
+        argv: list[str], command: str | None) -> None:
+    assert command_to_run(argv) == command
+
+
+def test_a_mount_helper_call_builds_the_whole_parser(tmp_path: Path) -> None:
+    config = tmp_path / "diff"  # a config file named like a command
+    config.write_text("")
+    assert command_to_run([str(config), "/srv/snapshots"]) is None
+    assert command_to_run(["diff", "/srv/snapshots"], "/sbin/mount.fuse.dmfs") is None
