@@ -15,6 +15,38 @@ sectors read from the two snapshots' devices (/sys/dev/block/M:m/stat).
 ``diff -rq`` runs on the snapshots' mounts directly (not through M/<node>/fs,
 which would add a FUSE round trip per path).  Prints the medians of
 ``--runs`` runs and each command's ratio to ``diff -rq``.
+
+The children are made once ``RACY_MARGIN_NS`` has passed since A's last write
+(``--racy``: right away; then ~1,000 of A's newest inodes are racily clean and
+their contents compared, with a thin delta, ~0.3 s more).  ``dmfs diff`` runs
+in this environment; where PYTHONDONTWRITEBYTECODE is set (the sessions on
+this machine) and the checkout has no ``__pycache__``, that compiles dmfs's
+sources in every run, which an installed dmfs (pip compiles at install) never
+does: ``bytecode cached`` is that case.  ``--compare-with CHECKOUT`` adds the
+``dmfs diff`` of another checkout, e.g. the commit before a change.
+
+Results on 2026-12-01 of the code at 41ca318 against its base, main at 0bf8718
+(``--compare-with``), A -> B, in two runs on a loaded machine (other guests
+running: ``python -c pass`` 0.24-0.29 s where it is 0.14 s quiet, ``diff -rq``
+10-13 s where it is 4.8 s): the ratios moved with the load, in both
+directions; no quiet run could be had.
+
+=============================  ==================  ==================
+A -> B                         3 cold runs         5 cold runs
+=============================  ==================  ==================
+``diff -rq``                   10.09 s             13.33 s
+dmfs diff, bytecode cached     0.87 s (11.5x)      1.53 s (8.7x)
+dmfs diff, sources compiled    1.40 s (7.2x)       1.40 s (9.5x)
+dmfs diff of 0bf8718           1.47 s (6.9x)       1.76 s (7.6x)
+``python -m dmfs --help``      0.64 s              0.82 s
+dmfs diff, in-process          0.46 s              0.27 s
+``python -c pass``             0.29 s              0.24 s
+=============================  ==================  ==================
+
+A -> C: ``diff -rq`` 11.1 / 9.6 s; dmfs diff 2.4-2.5 / 2.3 s (4.1-4.6x; its
+10,000 changed records are compared in Python, 1.4-1.7 s in-process); of
+0bf8718 3.1 / 3.5 s.  Bytes read: B 11.7 MiB, C 8.2 MiB against ``diff -rq``'s
+858 MiB.
 """
 
 from __future__ import annotations
