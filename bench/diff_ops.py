@@ -15,6 +15,38 @@ sectors read from the two snapshots' devices (/sys/dev/block/M:m/stat).
 ``diff -rq`` runs on the snapshots' mounts directly (not through M/<node>/fs,
 which would add a FUSE round trip per path).  Prints the medians of
 ``--runs`` runs and each command's ratio to ``diff -rq``.
+
+The children are made once ``RACY_MARGIN_NS`` has passed since A's last write
+(``--racy``: right away; then ~1,000 of A's newest inodes are racily clean and
+their contents compared, with a thin delta, ~0.3 s more).  ``dmfs diff`` runs
+in this environment; where PYTHONDONTWRITEBYTECODE is set (the sessions on
+this machine) and the checkout has no ``__pycache__``, that compiles dmfs's
+sources in every run, which an installed dmfs (pip compiles at install) never
+does: ``bytecode cached`` is that case.  ``--compare-with CHECKOUT`` adds the
+``dmfs diff`` of another checkout, e.g. the commit before a change.
+
+Results on 2026-12-01 of the code at 41ca318 against its base, main at 0bf8718
+(``--compare-with``), A -> B, in two runs on a loaded machine (other guests
+running: ``python -c pass`` 0.24-0.29 s where it is 0.14 s quiet, ``diff -rq``
+10-13 s where it is 4.8 s): the ratios moved with the load, in both
+directions; no quiet run could be had.
+
+=============================  ==================  ==================
+A -> B                         3 cold runs         5 cold runs
+=============================  ==================  ==================
+``diff -rq``                   10.09 s             13.33 s
+dmfs diff, bytecode cached     0.87 s (11.5x)      1.53 s (8.7x)
+dmfs diff, sources compiled    1.40 s (7.2x)       1.40 s (9.5x)
+dmfs diff of 0bf8718           1.47 s (6.9x)       1.76 s (7.6x)
+``python -m dmfs --help``      0.64 s              0.82 s
+dmfs diff, in-process          0.46 s              0.27 s
+``python -c pass``             0.29 s              0.24 s
+=============================  ==================  ==================
+
+A -> C: ``diff -rq`` 11.1 / 9.6 s; dmfs diff 2.4-2.5 / 2.3 s (4.1-4.6x; its
+10,000 changed records are compared in Python, 1.4-1.7 s in-process); of
+0bf8718 3.1 / 3.5 s.  Bytes read: B 11.7 MiB, C 8.2 MiB against ``diff -rq``'s
+858 MiB.
 """
 
 from __future__ import annotations
@@ -35,6 +67,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmfs.cli import main as main_command
+from dmfs.diff.lineage import RACY_MARGIN_NS
 from tests.support.loop_pool import loop_pool
 from tests.support.tree import MountedTree, write_config
 
@@ -95,18 +128,32 @@ def timed_cold(command: Callable[[], object], mounts: list[Path]) -> tuple[float
 
 
 def in_process(*args: str) -> int:
-    """``dmfs diff`` without the interpreter's start and imports (~1.5 s cold in the
-    guest, the same for every command of dmfs)."""
+    """``dmfs diff`` without the interpreter's start and imports (this process has
+    them already)."""
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         return main_command(["diff", *args])
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
+def run(argv: list[str], env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, env=env, cwd=cwd)
 
 
-def dmfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "dmfs", "diff", *args])
+def dmfs(*args: str, env: dict[str, str] | None = None,
+         checkout: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m dmfs diff ARGS``, of ``checkout`` (default: the installed dmfs)."""
+    if checkout is not None:  # -m puts the working directory first on sys.path
+        env = {**(env or os.environ), "PYTHONPATH": str(checkout)}
+    return run([sys.executable, "-m", "dmfs", "diff", *args], env=env, cwd=checkout)
+
+
+def bytecode_environment(cache: Path) -> dict[str, str]:
+    """The environment of an installed dmfs: its modules' bytecode compiled once
+    (pip does that when it installs) and read from then on, here from a cache of
+    its own under ``cache`` so that the checkout is not written."""
+    env = {name: value for name, value in os.environ.items()
+           if name != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(cache)}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -122,9 +169,16 @@ def main(args: argparse.Namespace) -> None:
             (m / "a").mkdir()
             started = time.perf_counter()
             files = build(Path(os.path.realpath(m / "a/fs")), rng)
+            last_write = time.time()
             print(f"built {len(files)} files in {time.perf_counter() - started:.1f} s "
                   f"(seed {args.seed})", flush=True)
             (m / "a").rename(m / "A")
+            # A child made within RACY_MARGIN_NS of A's last write finds A's newest
+            # inodes racily clean (dmfs.diff.lineage) and compares their contents: how
+            # many depended on how long the commit took (0 to 1,100 in test runs), so
+            # the children are made once the margin has passed; --racy measures that case.
+            if not args.racy:
+                time.sleep(max(0.0, last_write + RACY_MARGIN_NS / 1e9 - time.time()))
             (m / "A/b").mkdir()
             changed = sorted(rng.sample(files, int(len(files) * CHANGED_SHARE)))
             rewrite_in_place(Path(os.path.realpath(m / "A/b/fs")), changed)
@@ -140,12 +194,22 @@ def main(args: argparse.Namespace) -> None:
             print(f"A: {int(size) / 2**20:.0f} MiB; B: {len(changed)} files rewritten in "
                   f"place (same size and mtime); C: chmod of every file", flush=True)
 
+            compiled = bytecode_environment(scratch / "pycache")
+            dmfs(str(m / "A"), str(m / "A/B"), env=compiled)  # compiles what it imports
+            print("dmfs diff runs with this environment's PYTHONDONTWRITEBYTECODE="
+                  f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')}: when it is set, "
+                  "a checkout without __pycache__ compiles dmfs's sources in every run; "
+                  "'bytecode cached' runs as an installed dmfs does", flush=True)
+
             for child in ("B", "C"):
                 pair = [mounts["A"], mounts[child]]
                 nodes = [str(m / "A"), str(m / "A" / child)]
                 commands: dict[str, Callable[[], object]] = {
                     "diff -rq": lambda pair=pair: run(["diff", "-rq", *map(str, pair)]),
                     "dmfs diff": lambda nodes=nodes: dmfs(*nodes),
+                    "dmfs diff, bytecode cached": lambda nodes=nodes: dmfs(*nodes, env=compiled),
+                    **({f"dmfs diff of {args.compare_with.name}": lambda nodes=nodes: dmfs(
+                        *nodes, checkout=args.compare_with)} if args.compare_with else {}),
                     "python -m dmfs --help": lambda: run([sys.executable, "-m", "dmfs",
                                                           "--help"]),
                     "dmfs diff --walk": lambda nodes=nodes: dmfs("--walk", *nodes),
@@ -181,6 +245,9 @@ def report(child: str, pair: list[Path], results: dict[str, list[tuple[float, in
     by_diff = sorted(line[len(prefix):line.index(" and ")]
                      for line in answers["diff -rq"].stdout.splitlines())  # type: ignore[attr-defined]
     dmfs_lines = answers["dmfs diff"].stdout.splitlines()[:-1]  # type: ignore[attr-defined]
+    for name, answer in answers.items():
+        if name.startswith("dmfs diff") and "--walk" not in name and "in-process" not in name:
+            assert answer.stdout == answers["dmfs diff"].stdout, f"{name} answers otherwise"  # type: ignore[attr-defined]
     by_dmfs = sorted(line.split("\t")[1].lstrip("/") for line in dmfs_lines)
     if changed:
         assert by_diff == by_dmfs == changed, "dmfs diff and diff -rq disagree"
@@ -196,4 +263,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="cold runs of each command")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--racy", action="store_true",
+                        help="make the children right after A's last write (its newest inodes "
+                             "are then racily clean: their contents are compared)")
+    parser.add_argument("--compare-with", metavar="CHECKOUT", type=lambda p: Path(p).resolve(),
+                        help="also time dmfs diff from another checkout of dmfs, e.g. "
+                             "`git archive main | tar -x -C DIR` (before and after a change, "
+                             "in the same run)")
     main(parser.parse_args())

@@ -15,8 +15,6 @@ anything; a numeric gid is accepted without a lookup.
 
 from __future__ import annotations
 
-import difflib
-import grp
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +23,6 @@ from typing import Any
 
 from dmfs.filesystems import DEFAULT_FS_TYPE, FILESYSTEMS, FS_TYPES, fs_options_problem
 from dmfs.units import SECTOR_SIZE, SIZE_EXAMPLES, format_size, parse_duration, parse_size
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
 
 DEFAULT_STATE_ROOT = Path("/var/lib/dmfs")
 DEFAULT_RUNTIME_ROOT = Path("/run/dmfs")
@@ -168,6 +161,8 @@ def admin_gid(group: str) -> int:
 
     Raises KeyError when no group has that name.
     """
+    import grp  # (with difflib and tomllib, imported where used: see load_config)
+
     if group.isdigit():
         return int(group)
     return grp.getgrnam(group).gr_gid
@@ -178,6 +173,8 @@ def _type_name(value: Any) -> str:
 
 
 def _suggestion(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -424,6 +421,14 @@ def load_config(path: Path | str) -> Config:
     read, is not TOML, lacks or duplicates the table, has an unknown key, lacks
     a required key or has a bad value.
     """
+    # tomllib, difflib and grp are imported when a file is read, not with this
+    # module: every dmfs command imports it for its constants (DRIVERS,
+    # LOG_LEVELS), and most commands read no file (dmfs diff, dmfs --help).
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
     path = Path(path)
     try:
         raw = path.read_bytes()

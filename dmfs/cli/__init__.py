@@ -16,7 +16,13 @@
 Adding a command: write a module whose ``add_parser(commands)`` adds its
 sub-parser with :func:`~.common.add_command` (the logging options, the examples
 and the exit statuses come with it) and ``set_defaults(run=<function>)``, and
-list the module in ``COMMANDS`` in :mod:`.main`.  ``run(args) -> int`` checks
+list the module with its command names in ``COMMANDS`` in :mod:`.main`.  A
+command imports only its own family's module (``dmfs --help`` imports them
+all), and every module imports at its top only what its parsers need: what a
+command runs (the engine's heavier parts, trio, pyfuse3, subprocess, ...) is
+imported by the function that runs it, since every import is paid by every
+command's start (bench/diff_ops.py times ``dmfs diff`` as a whole command;
+tests/unit/test_cli_imports.py guards it).  ``run(args) -> int`` checks
 the machine with :mod:`.preflight` before it touches anything, and returns
 the exit status or raises: ConfigError / UsageError -> 2, EnvironmentProblem ->
 3, OperationFailed / PoolAdminError / DmError / OSError -> 1; :func:`main` logs

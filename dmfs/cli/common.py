@@ -14,11 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 from dmfs.config import DRIVERS, LOG_LEVELS, dm_name_problem
-from dmfs.pool import LowWater
 from dmfs.units import parse_size
+
+if TYPE_CHECKING:
+    from dmfs.pool import LowWater
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -124,6 +126,8 @@ def size_argument(text: str) -> int:
 
 
 def low_water_argument(text: str) -> LowWater:
+    from dmfs.pool import LowWater
+
     try:
         return LowWater.parse(text)
     except ValueError as error:

@@ -15,14 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from dmfs.cli.common import EXIT_OK, OperationFailed, add_command
 from dmfs.cli.mount import PIDFILE, wait_for_exit
 from dmfs.cli.pool import created_lines, destroyed_lines
 from dmfs.cli.preflight import open_device_mapper, require_device_mapper, require_fuse, require_root
-from dmfs.pool import create_loop_pool, destroy_pool, plan_loop_pool
+from dmfs.pool import plan_loop_pool
 from dmfs.units import parse_size
 
 #: (command, expected to fail) — run in the mounted tree
@@ -94,6 +93,12 @@ def _step(title: str, command: str, cwd: Path, expect_failure: bool) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    # Imported here, not with this module: every dmfs command imports it to build
+    # its parser.
+    import tempfile
+
+    from dmfs.pool import create_loop_pool, destroy_pool
+
     require_root("dmfs demo")
     require_device_mapper()
     require_fuse()

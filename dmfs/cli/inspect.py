@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmfs.cli.common import (
     EXIT_FAILED,
@@ -28,15 +28,11 @@ from dmfs.cli.preflight import (
     require_root,
 )
 from dmfs.config import Config, load_config
-from dmfs.pool import (
-    DeviceMapper,
-    Inspection,
-    JournalCorrupt,
-    PoolError,
-    inspect_pool,
-    tree_of,
-)
+from dmfs.pool import JournalCorrupt, PoolError
 from dmfs.units import format_size
+
+if TYPE_CHECKING:
+    from dmfs.pool import DeviceMapper, Inspection
 
 log = logging.getLogger("dmfs.cli")
 
@@ -86,6 +82,10 @@ def _open(args: argparse.Namespace, action: str) -> tuple[Config, DeviceMapper]:
 
 
 def _inspect(config: Config, dm: DeviceMapper) -> Inspection:
+    # The journal and metadata modules load here, not with this module: every
+    # dmfs command imports it to build its parser.
+    from dmfs.pool import inspect_pool
+
     try:
         return inspect_pool(config, dm)
     except PoolError as error:
@@ -197,6 +197,8 @@ def tree_dot(nodes: list[dict[str, Any]], pool: str) -> str:
 
 
 def run_tree(args: argparse.Namespace) -> int:
+    from dmfs.pool import tree_of
+
     config, seen = _look(args, "dmfs tree")
     nodes = tree_of(seen)
     if args.json:

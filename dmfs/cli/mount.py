@@ -17,14 +17,12 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import select
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from dmfs import sdnotify
 from dmfs.cli.common import (
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
@@ -161,6 +159,8 @@ def run_mount(args: argparse.Namespace) -> int:
     if config.grpc_address is not None:
         require_socket_path(config.grpc_address)
     if args.foreground:
+        from dmfs import sdnotify
+
         return _serve(config, mountpoint, fuse, on_ready=_notify_ready,
                       on_stopping=lambda: sdnotify.notify("STOPPING=1"))
     return _daemonize(config, mountpoint, fuse)
@@ -191,6 +191,8 @@ def wait_for_exit(pid: int, timeout: float = 60.0) -> bool:
 
 
 def _notify_ready() -> None:
+    from dmfs import sdnotify
+
     sdnotify.notify("READY=1")
 
 
@@ -258,6 +260,8 @@ def _daemon_main(config: Config, mountpoint: Path, fuse: set[str], ready_fd: int
 
 def _log_to_system(config: Config) -> None:
     """From now on the daemon logs to syslog, or to a file when there is none."""
+    import logging.handlers  # (with socket and pickle: only the daemon needs them)
+
     logger = logging.getLogger("dmfs")
     if Path("/dev/log").exists():
         handler: logging.Handler = logging.handlers.SysLogHandler(

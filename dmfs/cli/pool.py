@@ -7,6 +7,7 @@ the checks of the machine and the text for the terminal.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from dmfs.cli.common import (
     EXIT_OK,
@@ -32,16 +33,14 @@ from dmfs.cli.preflight import (
 from dmfs.pool import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LOW_WATER,
-    DestroyReport,
-    LowWater,
     PoolError,
-    PoolReport,
     PoolSpecError,
-    create_loop_pool,
-    destroy_pool,
     plan_loop_pool,
 )
 from dmfs.units import SIZE_EXAMPLES, format_size
+
+if TYPE_CHECKING:
+    from dmfs.pool import DestroyReport, PoolReport
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -85,7 +84,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              f"multiple of 64KiB up to 1GiB (default: "
                              f"{format_size(DEFAULT_BLOCK_SIZE)})")
     create.add_argument("--low-water", metavar="SIZE|PERCENT", type=low_water_argument,
-                        default=LowWater.parse(DEFAULT_LOW_WATER),
+                        default=DEFAULT_LOW_WATER,  # parsed by the type, when used
                         help=f"free space below which the kernel raises an event, as a size or "
                              f"a percentage of the data blocks (default: "
                              f"{DEFAULT_LOW_WATER.replace('%', '%%')})")
@@ -116,6 +115,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_pool_create(args: argparse.Namespace) -> int:
+    # dmfs.pool.loopback loads here, not with this module: every dmfs command
+    # imports it to build its parser.
+    from dmfs.pool import create_loop_pool
+
     try:
         spec = plan_loop_pool(args.name, args.loopback, args.size,
                               metadata_size=args.metadata_size, block_size=args.block_size,
@@ -132,6 +135,8 @@ def run_pool_create(args: argparse.Namespace) -> int:
 
 
 def run_pool_destroy(args: argparse.Namespace) -> int:
+    from dmfs.pool import destroy_pool
+
     require_root("dmfs pool destroy")
     require_device_mapper()
     dm = open_device_mapper(args.driver)

@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.config import DRIVERS
-from dmfs.pool import (
-    DeviceMapper,
-    DmError,
-    PoolError,
-    Target,
-    find_thin_pool,
-    mountinfo,
-    open_driver,
-)
+from dmfs.pool import mountinfo
+
+if TYPE_CHECKING:
+    from dmfs.pool import DeviceMapper, Target
 
 DM_CONTROL = Path("/dev/mapper/control")
 FUSE_DEVICE = Path("/dev/fuse")
@@ -50,6 +44,11 @@ def require_root(action: str) -> None:
 
 def load_kernel_module(module: str) -> bool:
     """Try ``modprobe MODULE``; True when it succeeded."""
+    # shutil and subprocess (with a dozen modules they import) load where they
+    # are used: every dmfs command imports this module, few run a tool.
+    import shutil
+    import subprocess
+
     modprobe = shutil.which("modprobe") or "/sbin/modprobe"
     try:
         result = subprocess.run([modprobe, "-q", module], capture_output=True, check=False)
@@ -88,6 +87,8 @@ def require_device_mapper(*, load_module: Callable[[str], bool] = load_kernel_mo
 
 def require_tool(name: str, package: str) -> str:
     """The path of a command needed on PATH; EnvironmentProblem naming its package."""
+    import shutil
+
     path = shutil.which(name)
     if path is None:
         raise EnvironmentProblem(f"{name} not found on PATH: install the {package} package")
@@ -99,11 +100,16 @@ def open_device_mapper(driver: str, *, udev_timeout: float = 10.0) -> DeviceMapp
     if driver not in DRIVERS:
         raise EnvironmentProblem(f"unknown device-mapper driver {driver!r}: use one of "
                                  f"{', '.join(repr(name) for name in DRIVERS)}")
+    # The drivers and the thin pool's module load when a command opens one, not
+    # with this module: every dmfs command imports it (EnvironmentProblem), and
+    # dmfs diff opens a driver only when it reads a thin delta.
+    from dmfs.pool import open_driver
+
     if driver == "dmsetup":
         require_tool("dmsetup", "dmsetup (Fedora/RHEL: device-mapper)")
     try:
         return open_driver(driver, udev_timeout=udev_timeout)
-    except (OSError, RuntimeError, DmError) as error:
+    except (OSError, RuntimeError) as error:  # a DmError is an OSError
         raise EnvironmentProblem(f"the {driver} device-mapper driver cannot be used: "
                                  f"{error}") from None
 
@@ -123,6 +129,8 @@ def require_fuse(device: Path = FUSE_DEVICE) -> None:
 
 def require_thin_pool(dm: DeviceMapper, name: str) -> Target:
     """The live table line of thin pool ``name``; EnvironmentProblem if it is not one."""
+    from dmfs.pool import PoolError, find_thin_pool
+
     try:
         return find_thin_pool(dm, name)
     except PoolError as error:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -74,7 +73,7 @@ def pyfuse3_caches_listings() -> bool | None:
 
 def kernel_release(release: str | None = None) -> tuple[str, tuple[int, int] | None]:
     """The running kernel's release string and its (major, minor), if readable."""
-    release = release or platform.release()
+    release = release or os.uname().release
     match = re.match(r"(\d+)\.(\d+)", release)
     return release, (int(match[1]), int(match[2])) if match else None
 
@@ -94,7 +93,7 @@ def kernel_caching(pyfuse3_can: bool | None, kernel: tuple[int, int] | None) -> 
 def version_report() -> str:
     release, kernel = kernel_release()
     rows = [
-        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("python", f"{'.'.join(map(str, sys.version_info[:3]))} ({sys.executable})"),
         ("pyfuse3", package_version("pyfuse3")),
         ("libfuse", libfuse_version()),
         ("trio", package_version("trio")),

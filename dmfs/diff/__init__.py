@@ -17,13 +17,11 @@ reserve + ``thin_delta`` + release            ~100 ms     metadata
 FIEMAP of 10,000 files                        1.45 s      -
 ============================================  ==========  ==========
 
-and the result (``bench/diff_ops.py``, medians of 3 cold runs on a quiet
-machine): ``diff -rq`` 7.7 s, 858 MB; ``dmfs diff`` 0.28 s and 12 MB for the
-comparison (27x), 1.36 s as a whole command, of which 1.0 s is the start of
-the ``dmfs`` command itself (``dmfs --help`` takes as long); ``--walk`` 2.4 s.
-A child that chmod'ed every file (every record differs, no data): 1.0 s and
-8 MB against ``diff -rq``'s 6.9 s and 860 MB (which sees no difference), the
-thin delta proving 9,991 files' contents equal.
+and the result (``bench/diff_ops.py``, whose docstring has the latest
+numbers): ``diff -rq`` reads 858 MB, ``dmfs diff`` 12 MB; a child that
+chmod'ed every file (every record differs, no data) is compared reading 8 MB
+against ``diff -rq``'s 860 MB (which sees no difference), the thin delta
+proving 9,991 files' contents equal.
 
 So, as root (the default): directory listings through the mounted
 filesystems, plus both inode tables read from the snapshots' devices

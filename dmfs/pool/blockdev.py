@@ -8,7 +8,6 @@ device.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +63,8 @@ def holders_of(devnum: str) -> list[str]:
 
 def losetup(*args: str) -> str:
     """Run losetup(8) and return its output; PoolAdminError with what it said."""
+    import subprocess  # (not at import: every dmfs command imports this module)
+
     argv = ("losetup", *args)
     try:
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -95,6 +96,8 @@ def attach_loop(file: Path) -> LoopDevice:
 
 def detach_loop_quietly(path: str) -> None:
     """Detach a loop device while undoing a failed step: its errors would hide the first one."""
+    import subprocess
+
     subprocess.run(["losetup", "--detach", path], capture_output=True, check=False)
 
 

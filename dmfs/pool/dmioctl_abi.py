@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,7 +178,7 @@ _LEGACY_IOC_MACHINES = ("alpha", "mips", "ppc", "powerpc", "sparc")
 
 def native_ioc_encoding(machine: str | None = None) -> IocEncoding:
     """The ioctl encoding of this machine (or of the ``uname -m`` given)."""
-    machine = platform.machine() if machine is None else machine
+    machine = os.uname().machine if machine is None else machine  # = platform.machine()
     return LEGACY_IOC if machine.startswith(_LEGACY_IOC_MACHINES) else GENERIC_IOC
 
 

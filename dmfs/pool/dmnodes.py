@@ -25,9 +25,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
-
-import pyudev
+from typing import TYPE_CHECKING, Protocol
 
 from dmfs.pool.dm import DmError
 from dmfs.pool.dmioctl_abi import (
@@ -36,7 +34,10 @@ from dmfs.pool.dmioctl_abi import (
     DM_UDEV_PRIMARY_SOURCE_FLAG,
     udev_cookie,
 )
-from dmfs.pool.udev import RECEIVE_BUFFER, udevd_running
+from dmfs.pool.udevd import RECEIVE_BUFFER, udevd_running
+
+if TYPE_CHECKING:
+    import pyudev
 
 DEV_MAPPER = Path("/dev/mapper")
 DEFAULT_UDEV_TIMEOUT = 30.0
@@ -185,10 +186,17 @@ class UdevNodes:
                  timeout: float = DEFAULT_UDEV_TIMEOUT) -> None:
         self.directory = directory
         self.timeout = timeout
-        self._context = pyudev.Context()
+        self._context: pyudev.Context | None = None
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[UeventWatch]:
+        # pyudev (and libudev) load on the first operation that sends a uevent,
+        # not when the driver opens: reading tables and sending messages
+        # (dmfs diff, dmfs status) need neither.
+        import pyudev
+
+        if self._context is None:
+            self._context = pyudev.Context()
         monitor = pyudev.Monitor.from_netlink(self._context, source="udev")
         monitor.filter_by("block")
         with contextlib.suppress(OSError):

@@ -11,16 +11,18 @@ every snapshot mount.  The engine only passes ``fs_type`` along.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.filesystems import mount_options
 from dmfs.pool.failpoints import failpoint
+
+if TYPE_CHECKING:
+    import ctypes
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -28,15 +30,29 @@ MS_NODEV = 0x4
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.syncfs.argtypes = [ctypes.c_int]
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library the interpreter itself runs on (dlopen(NULL), as in
+    dmfs.pool.dmioctl; ctypes.util.find_library would run ``ldconfig -p``).
+
+    Loaded on the first mount, umount or syncfs, not at import: every dmfs
+    command imports this module (mountinfo), and ctypes with libffi is ~50 ms
+    of a command's start in the test guest after drop_caches.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.syncfs.argtypes = [ctypes.c_int]
+    return libc
 
 
 def _check(result: int, what: str, path: str | os.PathLike[str]) -> None:
     if result != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, f"{what} {os.fspath(path)}: {os.strerror(err)}", os.fspath(path))
 
@@ -51,7 +67,7 @@ def mount(source: str, target: Path, fs_type: str, *, read_only: bool = False,
     flags = MS_NODEV | (MS_RDONLY if read_only else 0)
     data = ",".join(part for part in (mount_options(fs_type), options) if part)
     failpoint("fs:mount")
-    _check(_libc.mount(source.encode(), os.fsencode(target), fs_type.encode(), flags,
+    _check(_libc().mount(source.encode(), os.fsencode(target), fs_type.encode(), flags,
                        data.encode() or None), f"mount {source} on", target)
 
 
@@ -59,14 +75,14 @@ def umount(target: Path, *, lazy: bool = False) -> None:
     """umount2(2); EBUSY (files in use) reaches the caller as OSError."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
     failpoint("fs:umount")
-    _check(_libc.umount2(os.fsencode(target), flags), "umount", target)
+    _check(_libc().umount2(os.fsencode(target), flags), "umount", target)
 
 
 def syncfs(path: Path) -> None:
     """Write back everything of the filesystem mounted at ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _check(_libc.syncfs(fd), "syncfs", path)
+        _check(_libc().syncfs(fd), "syncfs", path)
     finally:
         os.close(fd)
 
@@ -117,4 +133,6 @@ def is_busy(error: OSError) -> bool:
 
 def discard(device: str) -> None:
     """Give a device's blocks back to the pool before it is deleted."""
+    import subprocess  # (not at import: every dmfs command imports this module)
+
     subprocess.run(["blkdiscard", device], check=True, capture_output=True)

@@ -9,13 +9,17 @@ is impossible about it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dmfs.pool.dm import SECTOR_SIZE
 from dmfs.pool.errors import PoolSpecError
-from dmfs.pool.thinpool import PoolTable
 from dmfs.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from fractions import Fraction
+
+    from dmfs.pool.thinpool import PoolTable
 
 #: The kernel's limits on the data block size (thin-provisioning.rst).
 MIN_BLOCK_SIZE = 64 * 1024
@@ -46,6 +50,8 @@ class LowWater:
     @classmethod
     def parse(cls, text: str) -> LowWater:
         """``10%``, ``2.5%``, or a size such as ``512MiB``; ValueError otherwise."""
+        from fractions import Fraction  # (with decimal: not for every dmfs command's start)
+
         text = text.strip()
         if text.endswith("%"):
             try:
@@ -98,6 +104,10 @@ class LoopPoolSpec:
         return self.low_water.blocks(self.total_blocks, self.block_size)
 
     def table(self, metadata_device: str, data_device: str) -> PoolTable:
+        # (thinpool is imported here: the pool create parser's defaults come from
+        # this module, and every dmfs command builds that parser)
+        from dmfs.pool.thinpool import PoolTable
+
         return PoolTable(metadata_device, data_device, self.block_size // SECTOR_SIZE,
                          self.low_water_blocks, POOL_FEATURES)
 

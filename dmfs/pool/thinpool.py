@@ -11,7 +11,6 @@ guest).  The drivers wait for udev themselves, so a device is ready when
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import fcntl
 import logging
@@ -129,6 +128,8 @@ def find_thin_pool(dm: DeviceMapper, name: str) -> Target:
     try:
         table = dm.table(name)
     except NoSuchDevice:
+        import difflib
+
         devices = list(dm.list_devices())
         close = difflib.get_close_matches(name, devices, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -18,13 +18,7 @@ from pathlib import Path
 import pyudev
 import trio
 
-UDEVD_CONTROL = Path("/run/udev/control")
-RECEIVE_BUFFER = 8 * 2**20
-
-
-def udevd_running() -> bool:
-    """True when systemd-udevd is listening (its control socket exists)."""
-    return UDEVD_CONTROL.exists()
+from dmfs.pool.udevd import RECEIVE_BUFFER, udevd_running
 
 
 @dataclass(frozen=True)
