@@ -68,7 +68,7 @@ from dmfs.grpc.errors import Refusal
 from dmfs.grpc.proto import snapshots_pb2 as api
 from dmfs.grpc.proto import snapshots_pb2_grpc
 from dmfs.grpc.server import RPCS, SERVICE, STREAMING, snapshots_api
-from dmfs.grpc.service import SnapshotsService, info_message
+from dmfs.grpc.service import REMOVE_IN_BACKGROUND, SnapshotsService, info_message
 from dmfs.pool.snapshotter import Snapshotter
 from tests.support.loop_pool import loop_pool
 
@@ -260,8 +260,9 @@ async def engine_cycles(engine: Snapshotter, count: int) -> dict[str, list[float
         await timed("prepare parentless", engine.prepare(key))
         await timed("commit", engine.commit(f"{key}-c", key))
         await timed("prepare child", engine.prepare(f"{key}-child", "existing-0"))
-        await timed("remove", engine.remove(f"{key}-child"))
-        await engine.remove(f"{key}-c")
+        # as the socket's Remove does: like with like
+        await timed("remove", engine.remove(f"{key}-child", background=REMOVE_IN_BACKGROUND))
+        await engine.remove(f"{key}-c", background=REMOVE_IN_BACKGROUND)
     return samples
 
 
