@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# First: it sets the environment grpc's C core reads once, when grpc is imported.
+import dmfs.grpc  # noqa: I001
 import grpc
 import trio
 
@@ -245,6 +248,76 @@ async def _async_context(context: contextlib.AbstractAsyncContextManager[None], 
         yield path
 
 
+# ---- grpc's listener -----------------------------------------------------------------
+
+def floor_main(socket_path: str) -> None:
+    """``--floor-server``: the floor server in a process of its own (grpc reads
+    GRPC_EXPERIMENTS once per process), until its stdin closes."""
+    with floor_server(Path(socket_path), {"existing-0": api.Info(name="existing-0")}):
+        print("ready", flush=True)
+        sys.stdin.read()
+
+
+def alternating_client_main(paths: list[str], count: int) -> None:
+    """``--client-ab``: Stat requests to each socket in turn, so that what else
+    runs on the machine hits every server alike; prints [[ms, ...], ...]."""
+    stats = []
+    for path in paths:
+        stub = snapshots_pb2_grpc.SnapshotsStub(grpc.insecure_channel(f"unix:{path}"))
+        stub.Stat(api.StatSnapshotRequest(key="existing-0"), timeout=120)  # connect first
+        stats.append(stub.Stat)
+    samples: list[list[float]] = [[] for _ in paths]
+    for _ in range(count):
+        for stat, values in zip(stats, samples, strict=True):
+            start = time.perf_counter()
+            stat(api.StatSnapshotRequest(key="existing-0"), timeout=120)
+            values.append((time.perf_counter() - start) * 1000)
+    print(json.dumps(samples))
+
+
+#: the listeners compared: GRPC_EXPERIMENTS of each floor server
+LISTENERS = {"EventEngine listener (grpc's default)": "",
+             "older poller (dmfs sets it)": dmfs.grpc.GRPC_EXPERIMENTS}
+
+
+async def compare_listeners(scratch: Path, count: int, bursts: int = 20) -> None:
+    """The floor server with grpc's two listeners side by side, the clients
+    alternating between them: Python's request by request, Go's in bursts."""
+    paths = [scratch / f"listener-{number}.sock" for number in range(len(LISTENERS))]
+    samples: dict[tuple[str, str], list[float]] = {}
+    async with trio.open_nursery() as nursery:
+        servers = []
+        for path, experiments in zip(paths, LISTENERS.values(), strict=True):
+            server = await trio.lowlevel.open_process(
+                [sys.executable, __file__, "--floor-server", str(path)],
+                stdin=-1, stdout=-1, env={**os.environ, "GRPC_EXPERIMENTS": experiments})
+            assert server.stdout is not None
+            assert (await server.stdout.receive_some()).strip() == b"ready"
+            servers.append(server)
+        result = await trio.run_process([sys.executable, __file__, "--client-ab",
+                                         str(count), *map(str, paths)], capture_stdout=True)
+        for name, values in zip(LISTENERS, json.loads(result.stdout), strict=True):
+            samples[(name, "python grpc")] = values
+        if GO_CLIENT.exists():
+            for _ in range(bursts):
+                for name, path in zip(LISTENERS, paths, strict=True):
+                    answered = await run_client([str(GO_CLIENT)], path, "stat", count // bursts)
+                    samples.setdefault((name, "containerd proxy (Go)"), []).extend(
+                        answered["stat"])
+        for server in servers:
+            assert server.stdin is not None
+            await server.stdin.aclose()
+            await server.wait()
+        nursery.cancel_scope.cancel()
+    print(f"\nStat round trip, grpc.aio answering without trio, the two listeners side by "
+          f"side, {count} requests each, ms")
+    print(f"  {'listener':40} {'client':22} {'p25':>7} {'p50':>7} {'p95':>7}")
+    for (name, client_name), values in samples.items():
+        p50, p95 = p50_p95(values)
+        print(f"  {name:40} {client_name:22} {percentile(values, 0.25):7.3f} {p50:7.3f} "
+              f"{p95:7.3f}")
+
+
 # ---- the operations ------------------------------------------------------------------
 
 async def engine_cycles(engine: Snapshotter, count: int) -> dict[str, list[float]]:
@@ -310,6 +383,7 @@ async def main(args: argparse.Namespace) -> None:
             for number in range(1, EXISTING):
                 await engine.prepare(f"existing-{number}", "existing-0")
             print(f"grpcio {grpc.__version__}, pool {pool.name}, {EXISTING} snapshots")
+            await compare_listeners(scratch, args.stats)
             await compare_bridges(engine, scratch, args.stats)
             if args.rounds:
                 await compare_operations(engine, scratch, args.runs, args.rounds)
@@ -318,6 +392,12 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         client_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--client-ab":
+        alternating_client_main(sys.argv[3:], int(sys.argv[2]))
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor-server":
+        floor_main(sys.argv[2])
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stats", type=int, default=500, help="Stat requests per bridge")
