@@ -21,9 +21,13 @@ containerd's side relies on, and where it comes from:
 - List streams the matching snapshots by key, 100 per message as containerd's
   own service does, with containerd's filter syntax (:mod:`dmfs.pool.filters`);
 - Usage answers bytes and no inode count, as containerd's devmapper does;
+- Remove answers once the removal is journaled and the snapshot's device
+  released; the thin device is deleted after the answer, in the background
+  (:data:`REMOVE_IN_BACKGROUND`);
 - Commit and Remove tell the tree afterwards (``changed``), whose kernel caches
   the old names and attributes otherwise;
-- Cleanup deletes what removals left (:meth:`dmfs.pool.Snapshotter.cleanup`).
+- Cleanup waits for those deletions and deletes what failed ones left
+  (:meth:`dmfs.pool.Snapshotter.cleanup`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ LIST_BATCH = 100
 log = logging.getLogger(__name__)
 
 KINDS = {Kind.VIEW: api.VIEW, Kind.ACTIVE: api.ACTIVE, Kind.COMMITTED: api.COMMITTED}
+
+#: Remove deletes the thin device after answering, whatever ``async_remove`` (the
+#: tree's rmdir) says.  Only containerd's garbage collector sends Remove, and it
+#: sends Cleanup after its Removes (containerd's metadata/snapshot.go), which waits
+#: for these deletions; what containerd relies on holds as soon as Remove answers
+#: (Stat: NotFound, a Prepare of the key works).  Measured in the test guest
+#: (bench/grpc_ops.py, both sides alike): the engine's remove of an active
+#: snapshot takes 2.4 ms instead of 5.0 ms, most of it the device's deletion.
+REMOVE_IN_BACKGROUND = True
 
 
 def _key(request: object) -> str:
@@ -140,7 +153,7 @@ class SnapshotsService:
             raise refuse(grpc.StatusCode.FAILED_PRECONDITION, "Remove", shown(request.key),
                          f"snapshot {shown(request.key)} was made in the tree, and only "
                          "rmdir there removes it")
-        await self.engine.remove(request.key)
+        await self.engine.remove(request.key, background=REMOVE_IN_BACKGROUND)
         await self._tell(before)
         return empty_pb2.Empty()
 

@@ -414,10 +414,12 @@ class Snapshotter(SnapshotReader):
 
     # ================================================================ remove
     @translated("remove")
-    async def remove(self, key: str) -> None:
+    async def remove(self, key: str, *, background: bool | None = None) -> None:
         """containerd Remove.  HasChildren with child snapshots; InUse (nothing
-        removed) while its files are in use.  With ``async_remove`` the thin
-        device is deleted after this returns."""
+        removed) while its files are in use.  With ``background`` (unset: the
+        config's ``async_remove``) the thin device is deleted after this returns,
+        once the removal is journaled (a crash before the deletion finishes
+        leaves it to the next start); :meth:`cleanup` waits for it."""
         async with self._lock:
             snapshot = self._get(key)
             children = self.meta.children(key)
@@ -437,7 +439,9 @@ class Snapshotter(SnapshotReader):
         if device is None:
             return
         self._start_removal()
-        if self.config.async_remove and self._removals is not None:
+        if background is None:
+            background = self.config.async_remove
+        if background and self._removals is not None:
             self._removals.start_soon(self._finish_removal, device_id, live)
         else:
             await self._finish_removal(device_id, live)

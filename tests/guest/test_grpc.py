@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -354,6 +355,34 @@ def test_who_may_connect_and_a_killed_daemons_socket(tree: MountedTree,
         code, message = again.refused("Prepare", api.PrepareSnapshotRequest(key="b"))
         assert code is Code.UNAVAILABLE and "injected fault" in message
         assert again.prepare("b")  # the fault fired once; nothing was left behind
+
+
+def test_remove_answers_before_the_device_is_deleted(client: SnapshotsClient,
+                                                     scratch_dir: Path) -> None:
+    """The thin device goes in the background (dmfs.grpc.service.REMOVE_IN_BACKGROUND):
+    what containerd relies on holds as soon as Remove answers (NotFound, the key
+    free again, even while the parent's own removal is in flight), and after
+    Cleanup no device of the removed snapshots is left in the kernel."""
+    client.prepare("layer")
+    client.commit("base", "layer")
+    [first] = client.prepare("work", "base")
+    client.remove("work")
+    client.remove("base")
+    for key in ("work", "base"):
+        assert client.refused("Stat", api.StatSnapshotRequest(key=key))[0] is Code.NOT_FOUND
+    client.prepare("layer")
+    client.commit("base", "layer")
+    [again] = client.prepare("work", "base")
+    with mounted([again], scratch_dir / "again") as files:
+        (files / "new").write_text("a new device\n")
+    client.remove("work")
+    client.remove("base")
+    client.cleanup()
+    assert client.list() == []
+    left = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True,
+                          check=True).stdout
+    for source in {first.source, again.source}:
+        assert Path(source).name not in left, left
 
 
 def test_concurrent_requests_and_mkdir(tree: MountedTree, client: SnapshotsClient,

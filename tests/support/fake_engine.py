@@ -115,8 +115,8 @@ class FakeEngine:
         self.snapshots[name] = committed
         return committed
 
-    async def remove(self, key: str) -> None:
-        self._enter("remove", key)
+    async def remove(self, key: str, *, background: bool | None = None) -> None:
+        self._enter("remove", key, background=background)
         self._get(key)
         children = [i.key for i in self.snapshots.values() if i.parent == key]
         if children:

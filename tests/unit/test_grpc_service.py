@@ -203,6 +203,8 @@ async def test_remove_and_cleanup(client: Client, engine: FakeEngine) -> None:
     await client("Prepare", api.PrepareSnapshotRequest(key="a"))
     await client("Remove", api.RemoveSnapshotRequest(key="a"))
     assert engine.snapshots == {}
+    # the thin device goes after the answer: containerd's collector calls Cleanup next
+    assert engine.calls[-1] == ("remove", ("a",), {"background": True})
     await client("Cleanup", api.CleanupRequest(snapshotter="dmfs"))
     assert engine.calls[-1][0] == "cleanup"
 
