@@ -35,8 +35,6 @@ import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from dmfs.pool import mountinfo
-
 #: mount(8)'s helper flags that ask nothing of dmfs: sloppy, no mtab, verbose
 IGNORED_FLAGS = frozenset({"-s", "-n", "-v"})
 
@@ -111,6 +109,10 @@ def already_served(config: str, mountpoint: str) -> bool:
     """A live dmfs serves ``config`` at ``mountpoint`` (the last mount there is dmfs's
     tree of that config, and it answers)."""
     target = Path(os.path.abspath(mountpoint))
+    # here, not at the top: every dmfs command asks is_helper_call, and the mount
+    # table's reader brings the engine's fs module (20-30 ms in the guest)
+    from dmfs.pool import mountinfo
+
     entries = [entry for entry in mountinfo() if entry.mountpoint == target]
     if not entries or entries[-1].fs_type != "fuse.dmfs":
         return False

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dmfs.cli import build_parser, main, mount_helper
+import dmfs.pool
+from dmfs.cli import build_parser, main
 from dmfs.cli.main import mount_helper_argv
 from dmfs.cli.mount_helper import HelperCallError, command_names, helper_argv, is_helper_call
 from dmfs.pool import MountEntry
@@ -91,7 +92,7 @@ def test_a_tree_already_served_there_is_left_alone(tmp_path: Path,
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     entries = [MountEntry((0, 40), mountpoint, "fuse.dmfs", "/etc/dmfs/p.toml", False)]
-    monkeypatch.setattr(mount_helper, "mountinfo", lambda: entries)
+    monkeypatch.setattr(dmfs.pool, "mountinfo", lambda: entries)
     call = [str(mountpoint), "-o", "rw,nodev,suid"]
     assert helper_argv(["/etc/dmfs/p.toml", *call])[-1] == "--fake"
     assert helper_argv(["/etc/dmfs/other.toml", *call])[-1] != "--fake"
