@@ -63,6 +63,7 @@ from dmfs.pool.metadata import (
     read_metadata,
 )
 from dmfs.pool.mounts import MountTable, expire_idle_mounts
+from dmfs.pool.pending import Pending
 from dmfs.pool.poolwatch import PoolWatch, watch_pool
 from dmfs.pool.reader import SnapshotReader
 from dmfs.pool.reconcile import reconcile
@@ -93,9 +94,7 @@ class Snapshotter(SnapshotReader):
         self._lock = trio.Lock()
         self._services: trio.Nursery | None = None  # watchers, reaper: cancelled at stop
         self._removals: trio.Nursery | None = None  # async removals: drained before stop
-        self._background_removals = 0
-        self._removals_idle = trio.Event()
-        self._removals_idle.set()
+        self._background_removals = Pending()
         #: awaited with the device id before a snapshot's files leave the path
         #: mount_path() gives (before an idle expiry, a commit or a remove
         #: unmounts them, whichever front end asked): a front end drops what it
@@ -438,17 +437,13 @@ class Snapshotter(SnapshotReader):
                                          self.mounts.get(device_id))
         if device is None:
             return
-        self._start_removal()
+        self._background_removals.start()
         if background is None:
             background = self.config.async_remove
         if background and self._removals is not None:
             self._removals.start_soon(self._finish_removal, device_id, live)
         else:
             await self._finish_removal(device_id, live)
-
-    def _start_removal(self) -> None:
-        self._background_removals += 1
-        self._removals_idle = trio.Event()
 
     async def _finish_removal(self, device_id: int, live: bool) -> None:
         """Deactivate and delete a Removing device (outside the engine lock, so a
@@ -462,15 +457,13 @@ class Snapshotter(SnapshotReader):
             log.error("removing thin device %d failed, will retry at next start: %s",
                       device_id, error)
         finally:
-            self._background_removals -= 1
-            if self._background_removals == 0:
-                self._removals_idle.set()
+            self._background_removals.done()
             with contextlib.suppress(SnapshotError):
                 await self.store.compact()
 
     async def wait_removals(self) -> None:
         """Wait until every background (async_remove) deletion has finished."""
-        await self._removals_idle.wait()
+        await self._background_removals.drained()
 
     @translated("cleanup")
     async def cleanup(self) -> int:
