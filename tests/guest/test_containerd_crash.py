@@ -123,11 +123,15 @@ def after_the_crash(stack: Stack, interrupted: subprocess.CompletedProcess[str],
 
 
 def restart_with(stack: Stack, failpoints: str) -> None:
-    """dmfs unmounted and started again with ``failpoints`` armed, its socket answering."""
+    """dmfs unmounted and started again with ``failpoints`` armed, its socket
+    answering, and containerd's connection to it back: containerd may have
+    connected to the dmfs that stopped, and then backs off before it reconnects
+    (a request meanwhile is Unavailable, and would never reach the failpoint)."""
     stack.tree.unmount()
     started = start(stack.tree, failpoints)
     assert started.returncode == 0, started.stderr
     wait_until(lambda: socket_answers(stack.socket), 30, "dmfs's socket")
+    wait_until(lambda: containerd_reaches_dmfs(stack), 30, "containerd to reconnect")
 
 
 def test_killed_at_the_first_commit_of_an_import(stack: Stack,
@@ -135,6 +139,7 @@ def test_killed_at_the_first_commit_of_an_import(stack: Stack,
     restart_with(stack, "commit:after-intent=kill")
     interrupted = subprocess.run(import_command(stack), capture_output=True, text=True,
                                  timeout=300, check=False)
+    assert interrupted.returncode != 0, "the import finished without reaching the failpoint"
     stack.tree.wait_stopped()  # the failpoint killed it
     record: list[str] = []
     after_the_crash(stack, interrupted, record)
