@@ -1,8 +1,9 @@
 """A count of work in flight that others can wait to see drained.
 
-The engine deletes removed snapshots' thin devices in the background
-(``async_remove``, and the socket's Remove); containerd's Cleanup waits until
-none is left.  Deletions start while a Cleanup waits, so "none left" must wake
+Two users: the store's sequences in worker threads (a compaction waits until
+none runs), and the engine's background deletions of removed snapshots' thin
+devices (``async_remove``, the socket's Remove), which containerd's Cleanup
+waits for.  Work starts while someone waits, so "none left" must wake
 every waiter of the time the count last left zero: one event per busy period,
 made when the count leaves zero and set when it comes back.  (An event made
 anew at every start left a Cleanup waiting on one that nothing would ever set,

@@ -30,6 +30,7 @@ import trio
 from dmfs.pool.errors import PoolError
 from dmfs.pool.journal import Journal
 from dmfs.pool.metadata import Metadata
+from dmfs.pool.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,7 @@ class Store:
     def __init__(self, journal: Journal, meta: Metadata | None = None) -> None:
         self.journal = journal
         self.meta = meta or Metadata()
-        self._running = 0
-        self._quiet = trio.Event()
-        self._quiet.set()
+        self._running = Pending()  # sequences in worker threads
         #: set, and replaced, whenever a sequence's effects have been applied
         self._applied = trio.Event()
 
@@ -123,14 +122,14 @@ class Store:
         PoolError is raised if that fails too), so that replay agrees with
         memory.  An operation answers success only once what it did is on disk."""
         effects = Effects(self.journal)
-        self._enter()
+        self._running.start()
         try:
             return await trio.to_thread.run_sync(self._in_worker, sequence, effects, args)
         finally:
             try:
                 effects.apply(self.meta)
             finally:
-                self._leave()
+                self._running.done()
                 self._applied.set()
                 self._applied = trio.Event()
             if self.journal.needs_rewrite:
@@ -168,24 +167,14 @@ class Store:
                     "fresh checkpoint", self.journal.directory)
         await self.compact(force=True)
 
-    def _enter(self) -> None:
-        if self._running == 0:
-            self._quiet = trio.Event()
-        self._running += 1
-
-    def _leave(self) -> None:
-        self._running -= 1
-        if self._running == 0:
-            self._quiet.set()
-
     @property
     def busy(self) -> bool:
         """Some sequence is running in a worker thread."""
-        return self._running > 0
+        return self._running.count > 0
 
     async def wait_quiet(self) -> None:
         """Wait until no sequence runs."""
-        await self._quiet.wait()
+        await self._running.drained()
 
     async def compact(self, *, force: bool = False) -> None:
         """Write a checkpoint of the state if the journal is long (or ``force``,
@@ -200,12 +189,12 @@ class Store:
         # The state and its sequence number are taken together on this thread;
         # records written while the worker writes the checkpoint follow it.
         state, seq = self.meta.dump(), self.journal.seq
-        self._enter()
+        self._running.start()
         try:
             await trio.to_thread.run_sync(self.journal.compact, state, seq)
         except OSError as error:
             raise PoolError(f"writing a checkpoint of the journal in "
                             f"{self.journal.directory} failed: {error}") from error
         finally:
-            self._leave()
+            self._running.done()
 
