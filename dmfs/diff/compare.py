@@ -39,16 +39,15 @@ from __future__ import annotations
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dmfs.diff.changes import Change, Kind, ordered_attributes
 from dmfs.diff.evidence import Evidence, Verdict
 from dmfs.diff.tree import Entry, Side, Tree, Unreadable, same_bytes
 
 
-@dataclass
-class _Link:
-    """One directory entry with its path."""
+class _Link(NamedTuple):
+    """One directory entry with its path (a tuple, as :class:`~dmfs.diff.tree.Entry`)."""
 
     rel: str
     ino: int

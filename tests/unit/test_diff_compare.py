@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dmfs.diff import compare_trees
+from dmfs.diff.tree import READ_CHUNK
 
 STAMP = 1_600_000_000_000_000_000  # every file's mtime, unless a test changes it
 FAR_FUTURE = 2**62
@@ -71,6 +72,24 @@ def test_contents_and_attributes(trees: tuple[Path, Path]) -> None:
         "M\tF\t/lib/x\t(mode, mtime)",
         "M\t@\t/lnk\t(target)",
     ]
+
+
+@pytest.mark.parametrize("differs_at", [None, 0, READ_CHUNK - 1, READ_CHUNK, 3 * READ_CHUNK + 7])
+def test_contents_are_compared_across_read_chunks(tmp_path: Path, differs_at: int | None) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    data = bytearray(os.urandom(3 * READ_CHUNK + 8))
+    for root in (old, new):
+        root.mkdir()
+        if differs_at is not None and root is new:
+            data[differs_at] ^= 0xFF
+        (root / "big").write_bytes(data)
+        stamp(root)
+    result = compare_trees(old, new, racy_after_ns=None, read_devices=False)
+    assert [c.line(types=True) for c in result.changes] == (
+        [] if differs_at is None else ["M\tF\t/big\t(content)"])
+    # reading stops at the first chunk that differs
+    chunks = len(data) // READ_CHUNK + 1 if differs_at is None else differs_at // READ_CHUNK + 1
+    assert result.facts["bytes_read"] == 2 * min(len(data), chunks * READ_CHUNK)
 
 
 def test_added_removed_and_retyped(trees: tuple[Path, Path]) -> None:
