@@ -15,6 +15,7 @@ from dmfs.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_STATUS_HELP,
     EXIT_USAGE,
+    HelpFormatter,
     OperationFailed,
     UsageError,
     common_options,
@@ -53,7 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="dmfs", parents=[common_options(suppress_defaults=False)],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Show the snapshots of a device-mapper thin pool as a directory tree.",
         epilog=EXIT_STATUS_HELP)
     parser.add_argument("--version", action=VersionAction)

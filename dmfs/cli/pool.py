@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from dmfs.cli.common import (
     EXIT_OK,
     EXIT_STATUS_HELP,
+    HelpFormatter,
     UsageError,
     add_command,
     directory_argument,
@@ -49,7 +50,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Create or destroy a thin pool on two sparse files (for tests, demos\n"
                     "and small machines). For a production pool on disks or LVM, see\n"
                     "contrib/PRODUCTION-POOL.md.",
-        epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_STATUS_HELP, formatter_class=HelpFormatter)
     actions = pool.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
 
     create = add_command(

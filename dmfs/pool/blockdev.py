@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmfs.pool.dm import SECTOR_SIZE
 from dmfs.pool.errors import PoolAdminError, PoolError
+from dmfs.units import SECTOR_SIZE
 
 LOOP_MAJOR = 7
 SYS_DEV_BLOCK = Path("/sys/dev/block")

@@ -67,6 +67,9 @@ def test_dmfs_diff_and_help_start_without_the_daemons_libraries() -> None:
               for family in COMMANDS if family != "diff"}
     others |= {"subprocess": "only commands that run a tool (dmfs diff: for a thin delta)",
                "dmfs.pool.thinpool": "only commands that use the pool",
+               "dmfs.pool.dm": "the device-mapper API (dmfs diff: for a thin delta)",
+               "shutil": "~20 ms with bz2, lzma and zlib; argparse imports it for the "
+                         "terminal's width unless told it (dmfs.cli.common.HelpFormatter)",
                "ctypes": "~50 ms after drop_caches in the guest (libffi); only to mount, "
                          "sync or identify a file by its handle"}
     assert not loaded(diff_start, others), "imported by dmfs diff before it compares"
@@ -100,3 +103,16 @@ def test_a_mount_helper_call_builds_the_whole_parser(tmp_path: Path) -> None:
     config.write_text("")
     assert command_to_run([str(config), "/srv/snapshots"]) is None
     assert command_to_run(["diff", "/srv/snapshots"], "/sbin/mount.fuse.dmfs") is None
+
+
+def test_help_is_laid_out_for_the_width_shutil_would_say(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import shutil
+
+    from dmfs.cli.common import terminal_columns
+
+    for columns in ("50", "", "zero", "-3"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert terminal_columns() == shutil.get_terminal_size().columns
+    monkeypatch.setenv("COLUMNS", "50")
+    assert max(map(len, build_parser("diff").format_usage().splitlines())) <= 50
