@@ -114,5 +114,8 @@ def test_help_is_laid_out_for_the_width_shutil_would_say(monkeypatch: pytest.Mon
     for columns in ("50", "", "zero", "-3"):
         monkeypatch.setenv("COLUMNS", columns)
         assert terminal_columns() == shutil.get_terminal_size().columns
-    monkeypatch.setenv("COLUMNS", "50")
-    assert max(map(len, build_parser("diff").format_usage().splitlines())) <= 50
+    usage = {}
+    for columns in ("50", "200"):
+        monkeypatch.setenv("COLUMNS", columns)
+        usage[columns] = build_parser("diff").format_usage().splitlines()
+    assert len(usage["50"]) > len(usage["200"]) == 1
