@@ -85,6 +85,18 @@ by the child prepare (13.8-15.4, engine 9.2-9.5 + grpc's 3-4), and the remove
 needs the background deletion and is at the edge even so: 8.2 ms through the
 socket in the time-stamp run with it (8.7 without, a quieter moment), grpc's
 4-6 ms on top of the engine's 2.4; no quiet run since confirms or refutes it.
+
+A run on a quiet machine at the end of that day (load average under 0.5, the
+guest itself slower than in the morning: the engine's parentless prepare 14.4
+ms), p50 ms: Stat through grpc.aio alone 4.42 (Python client) / 3.78 (Go), with
+the trio task 5.08 / 5.02; engine -> socket (Python / Go): prepare parentless
+14.35 -> 18.76 / 18.34 (1.31x / 1.28x), prepare child 11.19 -> 16.62 / 17.57
+(1.49x / 1.57x), commit 9.04 -> 17.52 / 16.29 (1.94x / 1.80x), remove 3.26 ->
+10.09 / 9.21 (3.10x / 2.83x).  At 1.3x the socket may add 4.3, 3.4, 2.7 and 1.0
+ms: less than grpc.aio's own Stat for all but the parentless prepare.  The
+Commit through the socket adds 2-3 ms more than a Stat does, which no time
+stamp has explained yet.  Against devmapper measured in the same guest on the
+same evening (bench/containerd_ops.py): 11.0x, 11.5x, 19.3x and 25.7x.
 """
 
 from __future__ import annotations
