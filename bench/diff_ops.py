@@ -186,15 +186,16 @@ def installed_dmfs(scratch: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         (source / name).write_bytes((CHECKOUT / name).read_bytes())
     run(["cp", "-r", str(CHECKOUT / "dmfs"), str(source / "dmfs")])
-    for step in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
-                  "--no-build-isolation", "-w", str(wheels), str(source)],
-                 [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-                 [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                  "install", "-q", "--no-deps", "--no-index",
-                  *map(str, wheels.glob("dmfs-*.whl"))]):
-        done = run(step)
+    def step(*argv: str) -> None:
+        done = run(list(argv))
         if done.returncode != 0:
-            raise SystemExit(f"{' '.join(step)}: {done.stderr.strip()}")
+            raise SystemExit(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+    step(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+         "--no-build-isolation", "-w", str(wheels), str(source))
+    step(sys.executable, "-m", "venv", "--without-pip", str(venv))
+    step(sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+         "--no-deps", "--no-index", *map(str, wheels.glob("dmfs-*.whl")))
     return venv / "bin" / "dmfs"
 
 
