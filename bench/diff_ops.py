@@ -183,8 +183,7 @@ def installed_dmfs(scratch: Path) -> Path:
     checkout in a virtual environment of its own, with its bytecode compiled at
     install.  Without its dependencies: ``dmfs diff`` imports none of them
     (tests/unit/test_cli_imports.py).  This checkout's own environment imports
-    dmfs through setuptools' editable-install finder, ~60 ms more per start in the
-    test guest."""
+    dmfs through setuptools' editable-install finder instead."""
     source, wheels, venv = scratch / "source", scratch / "wheels", scratch / "installed"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
