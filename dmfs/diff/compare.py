@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 from dmfs.diff.changes import Change, Kind, ordered_attributes
 from dmfs.diff.evidence import Evidence, Verdict
-from dmfs.diff.tree import Entry, Side, Tree, Unreadable, same_bytes
+from dmfs.diff.tree import Directory, Entry, Side, Tree, Unreadable, same_bytes
 
 
 class _Link(NamedTuple):
@@ -52,6 +52,10 @@ class _Link(NamedTuple):
     rel: str
     ino: int
     file_type: int
+
+    @classmethod
+    def of(cls, directory: Directory, entry: Entry) -> _Link:
+        return cls(directory.child_path(entry.name), entry.ino, entry.file_type)
 
 
 @dataclass
@@ -157,13 +161,14 @@ class _Comparison:
             if old_dir is None or old_directory is None:
                 for e in directory.entries:
                     key = (old_dir, e.name) if old_dir is not None else ("new", dir_ino, e.name)
-                    unmatched_new[key] = _Link(directory.child_path(e.name), e.ino, e.file_type)
+                    unmatched_new[key] = _Link.of(directory, e)
                 continue
             paired.add(old_dir)
             left = {e.name: e for e in old_directory.entries}
             for e in directory.entries:
                 previous = left.get(e.name)
                 if previous is not None and related and previous.ino == e.ino:
+                    # (paths only: nearly every pair is unchanged and needs no record)
                     old_rel = old_directory.child_path(e.name)
                     new_rel = directory.child_path(e.name)
                     verdict = self.evidence.verdict(e.ino, old_rel, new_rel)
@@ -176,16 +181,13 @@ class _Comparison:
                         self._same_link(_Link(old_rel, previous.ino, previous.file_type),
                                         _Link(new_rel, e.ino, e.file_type), verdict)
                         continue
-                unmatched_new[(old_dir, e.name)] = _Link(directory.child_path(e.name), e.ino,
-                                                         e.file_type)
+                unmatched_new[(old_dir, e.name)] = _Link.of(directory, e)
             for name, e in left.items():
-                unmatched_old[(old_dir, name)] = _Link(old_directory.child_path(name), e.ino,
-                                                       e.file_type)
+                unmatched_old[(old_dir, name)] = _Link.of(old_directory, e)
         for dir_ino, old_directory in old_dirs.items():
             if dir_ino not in paired:
                 for e in old_directory.entries:
-                    unmatched_old[(dir_ino, e.name)] = _Link(old_directory.child_path(e.name),
-                                                             e.ino, e.file_type)
+                    unmatched_old[(dir_ino, e.name)] = _Link.of(old_directory, e)
         return unmatched_old, unmatched_new
 
     def _same_inode(self, ino: int, old_rel: str, new_rel: str) -> bool:
