@@ -69,6 +69,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,10 +186,13 @@ def installed_dmfs(scratch: Path) -> Path:
     (tests/unit/test_cli_imports.py).  This checkout's own environment imports
     dmfs through setuptools' editable-install finder instead."""
     source, wheels, venv = scratch / "source", scratch / "wheels", scratch / "installed"
-    source.mkdir()
+    # built from a copy (setuptools writes build/ and dmfs.egg-info/ where it builds),
+    # as contrib/install-system does
+    shutil.copytree(CHECKOUT / "dmfs", source / "dmfs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
-        (source / name).write_bytes((CHECKOUT / name).read_bytes())
-    run(["cp", "-r", str(CHECKOUT / "dmfs"), str(source / "dmfs")])
+        shutil.copy(CHECKOUT / name, source / name)
+
     def step(*argv: str) -> None:
         done = run(list(argv))
         if done.returncode != 0:
